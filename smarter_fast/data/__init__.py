@@ -1,0 +1,1 @@
+"""CS224N readers, the WordPiece tokenizer, length-aware batching and task schedules."""

@@ -1,0 +1,1 @@
+"""minBERT encoder, the three task heads, and checkpoint loading."""

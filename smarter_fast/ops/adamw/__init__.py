@@ -1,0 +1,27 @@
+"""The fused AdamW step (CS224N minBERT semantics) that smarter_fast.optim.AdamW runs."""
+
+import torch
+
+from ..registry import Backend, FLOAT_DTYPES, any_device, cpu_only, op, triton_devices
+from . import cpp, ref, triton
+
+ADAMW = op("adamw")
+ADAMW.register(Backend("triton", None, triton_devices, (torch.float32,), triton.availability))
+ADAMW.register(Backend("cpp", cpp.adamw_step_, cpu_only, (torch.float32,), cpp.availability,
+                       cpp.check))
+ADAMW.register(Backend("ref", ref.adamw_step_, any_device, FLOAT_DTYPES, lambda: None))
+
+
+def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                exp_avg_sq: torch.Tensor, *, lr: float, beta1: float = 0.9,
+                beta2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0,
+                step: int, correct_bias: bool = True, backend: str = "auto") -> None:
+    """One AdamW step in place on `param`, `exp_avg` and `exp_avg_sq` (any shape, typically
+    the optimizer's flat buffers). `step` counts from 1. Bias correction as in CS224N minBERT:
+    step size lr * sqrt(1 - beta2^t) / (1 - beta1^t); decoupled weight decay after the update."""
+    impl = ADAMW.select(backend, (param, grad, exp_avg, exp_avg_sq))
+    impl.fn(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+            correct_bias)
+
+
+__all__ = ["adamw_step_"]

@@ -1,0 +1,35 @@
+"""C++ AdamW: one parallel, vectorised pass over flat fp32 buffers (28 bytes per parameter)."""
+
+import torch
+
+from ..registry import cpp_availability
+
+_registered = False
+_inner = cpp_availability("adamw_step_")
+
+
+def availability():
+    global _registered
+    why = _inner()
+    if why is None and not _registered:
+        _registered = True
+
+        @torch.library.register_fake("smarter_fast::adamw_step_")
+        def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+              correct_bias):
+            return None
+
+    return why
+
+
+def check(param, grad, exp_avg, exp_avg_sq, **_):
+    bad = [n for n, t in (("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
+           if not t.is_contiguous()]
+    return [f"needs contiguous {', '.join(bad)}"] if bad else []
+
+
+def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+                correct_bias=True):
+    torch.ops.smarter_fast.adamw_step_(param, grad, exp_avg, exp_avg_sq, float(lr), float(beta1),
+                                       float(beta2), float(eps), float(weight_decay), int(step),
+                                       bool(correct_bias))
