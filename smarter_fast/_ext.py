@@ -150,8 +150,9 @@ def build(verbose: bool = False) -> ExtensionStatus:
     build_dir = cache_root() / "ext" / _build_key(src, variants)
     build_dir.mkdir(parents=True, exist_ok=True)
     library = build_dir / "smarter_fast_C.so"
-    # One builder at a time (torchrun workers, parallel test runs share the cache).
-    with open(build_dir / "lock", "w") as lock_file:
+    # One builder at a time (torchrun workers, parallel test runs share the cache). Not named
+    # "lock": torch's load() uses that name for its own baton in the same directory.
+    with open(build_dir / "build.lock", "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         if not library.exists():
             _say(f"compiling the C++ kernels ({', '.join(variants)}) with ninja in {build_dir}; "
