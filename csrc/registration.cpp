@@ -94,8 +94,9 @@ void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_a
     step_size = lr * std::sqrt(1.0 - std::pow(beta2, double(step))) /
                 (1.0 - std::pow(beta1, double(step)));
   }
-  const cpu::AdamWParams hp{float(lr),  float(beta1),        float(beta2),
-                            float(eps), float(weight_decay), float(step_size)};
+  const cpu::AdamWParams hp{float(lr),         float(beta1),        float(beta2),
+                            float(1.0 - beta1), float(1.0 - beta2), float(eps),
+                            float(weight_decay), float(step_size)};
   float* p = param.data_ptr<float>();
   const float* g = gc.const_data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();

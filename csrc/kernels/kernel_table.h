@@ -13,6 +13,8 @@ struct AdamWParams {
   float lr;
   float beta1;
   float beta2;
+  float one_minus_beta1;  // computed in double: 1 - float(0.999) loses 4 digits
+  float one_minus_beta2;
   float eps;
   float weight_decay;
   float step_size;  // lr * sqrt(1 - beta2^t) / (1 - beta1^t), or lr without bias correction

@@ -26,7 +26,7 @@ using Vec = at::vec::Vectorized<float>;
 inline void adamw_f32(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end,
                       const AdamWParams& hp) {
   const float decay = 1.0f - hp.lr * hp.weight_decay;
-  const Vec b1(hp.beta1), b2(hp.beta2), c1(1.0f - hp.beta1), c2(1.0f - hp.beta2);
+  const Vec b1(hp.beta1), b2(hp.beta2), c1(hp.one_minus_beta1), c2(hp.one_minus_beta2);
   const Vec eps(hp.eps), step(hp.step_size), vdecay(decay);
   int64_t i = begin;
   for (; i + Vec::size() <= end; i += Vec::size()) {
@@ -41,8 +41,8 @@ inline void adamw_f32(float* p, const float* g, float* m, float* v, int64_t begi
   }
   for (; i < end; ++i) {
     const float gi = g[i];
-    const float mi = m[i] * hp.beta1 + gi * (1.0f - hp.beta1);
-    const float vi = v[i] * hp.beta2 + (gi * gi) * (1.0f - hp.beta2);
+    const float mi = m[i] * hp.beta1 + gi * hp.one_minus_beta1;
+    const float vi = v[i] * hp.beta2 + (gi * gi) * hp.one_minus_beta2;
     float pi = p[i] - hp.step_size * (mi / (std::sqrt(vi) + hp.eps));
     if (hp.weight_decay != 0.0f) pi = pi * decay;
     m[i] = mi;

@@ -1,0 +1,161 @@
+// C++ tests (ctest): each CPU-capability variant of the kernels against straightforward scalar
+// loops in double precision, on random inputs with odd sizes; then the registered operators
+// through the dispatcher. Plain checks, no test framework needed.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/kernel_table.h"
+
+using smarter_fast::cpu::AdamWParams;
+using smarter_fast::cpu::KernelTable;
+
+static int failures = 0;
+static int checks = 0;
+
+#define EXPECT(cond, ...)                                         \
+  do {                                                            \
+    ++checks;                                                     \
+    if (!(cond)) {                                                \
+      ++failures;                                                 \
+      std::fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, __VA_ARGS__);                          \
+      std::fprintf(stderr, "\n");                                 \
+    }                                                             \
+  } while (0)
+
+static std::vector<float> random_vector(int64_t n, std::mt19937& rng, float lo, float hi) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = dist(rng);
+  return v;
+}
+
+static double rel_err(double got, double want) {
+  return std::abs(got - want) / std::max(1e-12, std::abs(want));
+}
+
+static void test_adamw(const KernelTable& k, std::mt19937& rng) {
+  for (int64_t n : {1, 7, 16, 33, 1031}) {
+    auto p = random_vector(n, rng, -1.f, 1.f), g = random_vector(n, rng, -0.1f, 0.1f);
+    auto m = random_vector(n, rng, -0.01f, 0.01f), v = random_vector(n, rng, 1e-6f, 1e-3f);
+    const int step = 3;
+    const double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-6, wd = 0.01;
+    const double ss = lr * std::sqrt(1 - std::pow(b2, step)) / (1 - std::pow(b1, step));
+    std::vector<double> pw(n), mw(n), vw(n);
+    for (int64_t i = 0; i < n; ++i) {
+      mw[i] = b1 * m[i] + (1 - b1) * g[i];
+      vw[i] = b2 * v[i] + (1 - b2) * double(g[i]) * g[i];
+      pw[i] = p[i] - ss * mw[i] / (std::sqrt(vw[i]) + eps);
+      pw[i] -= lr * wd * pw[i];
+    }
+    AdamWParams hp{float(lr),     float(b1), float(b2),        float(1 - b1),
+                   float(1 - b2), float(eps), float(wd), float(ss)};
+    // Two ranges: the split point must not matter.
+    k.adamw_f32(p.data(), g.data(), m.data(), v.data(), 0, n / 2, hp);
+    k.adamw_f32(p.data(), g.data(), m.data(), v.data(), n / 2, n, hp);
+    // Error relative to each buffer's largest magnitude: element-wise relative error is
+    // meaningless where m = b1 m + (1 - b1) g cancels to nearly zero.
+    auto normwise = [n](const std::vector<float>& got, const std::vector<double>& want) {
+      double diff = 0, scale = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        diff = std::max(diff, std::abs(got[i] - want[i]));
+        scale = std::max(scale, std::abs(want[i]));
+      }
+      return diff / scale;
+    };
+    const double worst = std::max({normwise(p, pw), normwise(m, mw), normwise(v, vw)});
+    EXPECT(worst < 1e-6, "%s adamw n=%ld worst relative error %g", k.name, long(n), worst);
+  }
+}
+
+static void test_mse(const KernelTable& k, std::mt19937& rng) {
+  for (int64_t n : {1, 5, 17, 1024, 4099}) {
+    auto a = random_vector(n, rng, -2.f, 2.f), b = random_vector(n, rng, -2.f, 2.f);
+    double want = 0;
+    for (int64_t i = 0; i < n; ++i) want += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    const double got = k.sq_diff_sum_f32(a.data(), b.data(), 0, n);
+    EXPECT(rel_err(got, want) < 1e-6, "%s sq_diff_sum n=%ld got %g want %g", k.name, long(n), got,
+           want);
+    std::vector<float> ga(n), gb(n);
+    const float scale = 0.37f;
+    k.sq_diff_backward_f32(a.data(), b.data(), scale, ga.data(), gb.data(), 0, n);
+    double worst = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double w = scale * (double(a[i]) - b[i]);
+      worst = std::max({worst, std::abs(ga[i] - w), std::abs(gb[i] + w)});
+    }
+    EXPECT(worst < 1e-6, "%s sq_diff_backward n=%ld worst abs error %g", k.name, long(n), worst);
+  }
+}
+
+static void test_noise(const KernelTable& k, const KernelTable& reference) {
+  const int64_t n = 200003;
+  std::vector<float> x(n, 1.5f), whole(n), parts(n), other(n);
+  k.noise_f32(x.data(), 0.5f, 1234, whole.data(), 0, n);
+  k.noise_f32(x.data(), 0.5f, 1234, parts.data(), 0, 4096);  // any 4-aligned split: same noise
+  k.noise_f32(x.data(), 0.5f, 1234, parts.data(), 4096, n);
+  reference.noise_f32(x.data(), 0.5f, 1234, other.data(), 0, n);
+  double mean = 0, sq = 0;
+  int64_t same = 0, match_ref = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double z = (whole[i] - 1.5) / 0.5;
+    mean += z;
+    sq += z * z;
+    same += whole[i] == parts[i];
+    match_ref += std::abs(whole[i] - other[i]) < 1e-5f;
+  }
+  mean /= n;
+  const double var = sq / n - mean * mean;
+  EXPECT(same == n, "%s noise depends on the split (%ld of %ld equal)", k.name, long(same), long(n));
+  EXPECT(match_ref == n, "%s noise differs from the DEFAULT variant", k.name);
+  EXPECT(std::abs(mean) < 0.01 && std::abs(var - 1.0) < 0.02, "%s noise mean %g variance %g",
+         k.name, mean, var);
+  std::vector<float> seeded(n);
+  k.noise_f32(x.data(), 0.5f, 1235, seeded.data(), 0, n);
+  int64_t equal = 0;
+  for (int64_t i = 0; i < n; ++i) equal += seeded[i] == whole[i];
+  EXPECT(equal < n / 100, "%s noise with another seed repeats %ld values", k.name, long(equal));
+}
+
+static void test_operators() {
+  at::manual_seed(0);
+  auto a = at::randn({3, 37}), b = at::randn({3, 37});
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("smarter_fast::smart_mse", "")
+                .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  const double got = op.call(a, b).item<double>();
+  const double want = (a.to(at::kDouble) - b.to(at::kDouble)).pow(2).mean().item<double>();
+  EXPECT(rel_err(got, want) < 1e-6, "smart_mse operator %g vs %g", got, want);
+}
+
+int main() {
+  std::mt19937 rng(42);
+  std::vector<const KernelTable*> tables = {&smarter_fast::cpu::DEFAULT::kernel_table()};
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+#ifdef SMARTER_FAST_HAVE_AVX2
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    tables.push_back(&smarter_fast::cpu::AVX2::kernel_table());
+#endif
+#ifdef SMARTER_FAST_HAVE_AVX512
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    tables.push_back(&smarter_fast::cpu::AVX512::kernel_table());
+#endif
+#endif
+  for (const KernelTable* k : tables) {
+    std::printf("testing the %s kernels\n", k->name);
+    test_adamw(*k, rng);
+    test_mse(*k, rng);
+    test_noise(*k, *tables[0]);
+  }
+  std::printf("dispatch picks %s\n", smarter_fast::cpu::kernels().name);
+  test_operators();
+  std::printf("%d passed, %d failed\n", checks - failures, failures);
+  return failures == 0 ? 0 : 1;
+}
