@@ -107,6 +107,10 @@ class Op:
         passed_over = []
         for candidate in self.ordered():
             reasons = candidate.not_supported_reasons(tensors, **options)
+            if not reasons and candidate.name == "triton" and _on_cpu(tensors):
+                # The interpreter is ~1000x slower than the C++ or PyTorch paths: for tests only.
+                reasons = ["the Triton interpreter (TRITON_INTERPRET=1) runs CPU tensors only "
+                           "when backend='triton' is requested explicitly"]
             if not reasons:
                 self._log_choice(candidate.name, passed_over)
                 return candidate
@@ -122,6 +126,10 @@ class Op:
         self._logged.add(key)
         why = "; ".join(f"{n} passed over: {', '.join(r)}" for n, r in passed_over)
         log.info("%s: using the %s backend%s", self.name, chosen, f" ({why})" if why else "")
+
+
+def _on_cpu(tensors: Sequence[torch.Tensor]) -> bool:
+    return any(t.device.type == "cpu" for t in tensors)
 
 
 OPS: dict[str, Op] = {}

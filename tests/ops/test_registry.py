@@ -96,3 +96,14 @@ def test_real_ops_are_registered_with_all_backends():
     for name in ("attention", "attention_varlen", "adamw", "smart_noise", "smart_mse"):
         assert [b.name for b in OPS[name].ordered()] == ["triton", "cpp", "ref"]
         assert OPS[name].backends["ref"].is_available()
+
+
+def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    op = Op("toy_interp")
+    for name in ("triton", "ref"):
+        op.register(Backend(name, fn=None, devices=registry.triton_devices,
+                            dtypes=registry.FLOAT_DTYPES, availability=lambda: None))
+    x = torch.randn(3)
+    assert op.select("auto", (x,)).name == "ref"
+    assert op.select("triton", (x,)).name == "triton"  # explicit: runs in the interpreter

@@ -1,0 +1,87 @@
+"""Loading the C++ extension: prebuilt, built on first use (JIT), and unavailable."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import torch
+from smarter_fast import _ext, ops
+s = _ext.load()
+print("MODE", s.mode, s.loaded)
+a, b = torch.randn(5, 3), torch.randn(5, 3)
+print("AUTO", ops.OPS["smart_mse"].select("auto", (a, b)).name)
+try:
+    ops.smart_mse(a, b, backend="cpp")
+    print("CPP ok")
+except ops.BackendUnavailableError as e:
+    print("CPP raised", e)
+"""
+
+
+def run_python(code, env_extra, cwd=REPO, pythonpath=REPO):
+    env = dict(os.environ, PYTHONPATH=str(pythonpath), **env_extra)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, text=True,
+                          capture_output=True, timeout=600)
+
+
+def test_unavailable_without_compiler_falls_back_to_ref(tmp_path):
+    out = run_python(PROBE, {"SMARTER_FAST_CACHE_DIR": str(tmp_path), "CXX": "/nonexistent/c++"})
+    assert out.returncode == 0, out.stderr
+    if "MODE prebuilt" in out.stdout:
+        pytest.skip("a prebuilt smarter_fast._C is installed, so no build is attempted")
+    assert "MODE none False" in out.stdout
+    assert "AUTO ref" in out.stdout
+    assert "backend 'cpp' was requested" in out.stdout and "no C++ compiler" in out.stdout
+    # One clear message, once.
+    assert out.stderr.count("C++ extension not built: no C++ compiler found") == 1
+
+
+def test_disabled_by_environment():
+    out = run_python(PROBE, {"SMARTER_FAST_NO_EXT": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "MODE none False" in out.stdout and "AUTO ref" in out.stdout
+    assert "disabled by SMARTER_FAST_NO_EXT=1" in out.stdout
+
+
+@pytest.mark.slow
+def test_jit_build_once_then_cached(tmp_path):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine")
+    env = {"SMARTER_FAST_CACHE_DIR": str(tmp_path)}
+    first = run_python(PROBE, env)
+    assert first.returncode == 0, first.stderr
+    if "MODE prebuilt" in first.stdout:
+        pytest.skip("a prebuilt smarter_fast._C is installed, so nothing is JIT-built")
+    assert "MODE jit True" in first.stdout and "AUTO cpp" in first.stdout
+    assert first.stderr.count("compiling the C++ kernels") == 1
+    assert str(tmp_path) in first.stderr
+    second = run_python(PROBE, env)
+    assert "MODE jit True" in second.stdout
+    assert "compiling the C++ kernels" not in second.stderr  # cached
+
+
+@pytest.mark.slow
+def test_prebuilt_extension_is_used(tmp_path):
+    """`setup.py build_ext` (what `pip install --no-build-isolation` runs) gives an importable
+    smarter_fast._C that is preferred over the JIT build."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler on this machine")
+    copy = tmp_path / "src"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.so", "__pycache__", "runs", ".benchmarks", "*.egg-info"))
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                           cwd=copy, text=True, capture_output=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    out = run_python(PROBE + "print('VARIANT', _ext.kernel_variant())",
+                     {"SMARTER_FAST_CACHE_DIR": str(tmp_path / "cache")},
+                     cwd=copy, pythonpath=copy)
+    assert out.returncode == 0, out.stderr
+    assert "MODE prebuilt True" in out.stdout and "AUTO cpp" in out.stdout
+    assert "compiling" not in out.stderr
