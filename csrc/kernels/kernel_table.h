@@ -20,6 +20,36 @@ struct AdamWParams {
   float step_size;  // lr * sqrt(1 - beta2^t) / (1 - beta1^t), or lr without bias correction
 };
 
+// Attention: where one tensor's rows live. Element strides; the last dimension is contiguous.
+// Token t of batch row b, head h starts at b * batch_stride + t * token_stride + h * head_stride.
+struct AttnTensor {
+  void* data;
+  int64_t batch_stride;  // 0 for packed (varlen) tensors, whose token index is global
+  int64_t token_stride;
+  int64_t head_stride;
+};
+
+// Attention: the tensors of one call. q, k, v, out and grads share a dtype (fp32, or bf16 when
+// bf16 is set; accumulation is always fp32); lse is fp32. grad_* are used by the backward only.
+struct AttnArgs {
+  int64_t head_dim;
+  float scale;
+  bool bf16;
+  AttnTensor q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v;
+};
+
+// Attention: one (sequence, head) work item. Its token i (0 <= i < n_real + n_pad) has index
+// tokens[i], or first_token + i when tokens is null; the first n_real are real tokens (they
+// attend to each other), the next n_pad are padding whose output rows are written as zeros.
+struct AttnSeq {
+  int64_t batch;
+  int64_t head;
+  const int64_t* tokens;
+  int64_t first_token;
+  int64_t n_real;
+  int64_t n_pad;
+};
+
 struct KernelTable {
   const char* name;
   // CS224N minBERT AdamW over [begin, end) of flat fp32 buffers, in place on p, m, v.
@@ -34,6 +64,12 @@ struct KernelTable {
   // counter index / 4, so any split of the range gives the same values. begin % 4 == 0.
   void (*noise_f32)(const float* x, float sigma, uint64_t seed, float* out, int64_t begin,
                     int64_t end);
+  // Attention over one (sequence, head) item with `workspace` of attention_workspace floats
+  // (for the longest sequence of the call): forward writes out and lse; backward recomputes P
+  // from lse and writes grad_q, grad_k, grad_v. Padded rows come out zero.
+  int64_t (*attention_workspace)(int64_t max_len, int64_t head_dim, bool backward);
+  void (*attention_fwd)(const AttnArgs& args, const AttnSeq& seq, float* workspace);
+  void (*attention_bwd)(const AttnArgs& args, const AttnSeq& seq, float* workspace);
 };
 
 // Each capability TU defines its table in namespace smarter_fast::cpu::<CAPABILITY>.

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "attention_impl.h"
 #include "kernel_table.h"
 #include "philox.h"
 
@@ -111,6 +112,7 @@ const KernelTable& kernel_table() {
   static const KernelTable table{
       SMARTER_FAST_STR(CPU_CAPABILITY), adamw_f32, sq_diff_sum_f32, sq_diff_backward_f32,
       noise_f32,
+      attn::workspace_floats, attn::attention_fwd, attn::attention_bwd,
   };
   return table;
 }

@@ -1,0 +1,323 @@
+// Variable-length attention, forward and backward, for one (sequence, head) at a time.
+// Included by kernels_impl.h, so it is compiled once per CPU capability (DEFAULT, AVX2, AVX512)
+// and sees at::vec::Vectorized<float> at that width. Raw pointers only: the operators in
+// registration.cpp check the tensors, allocate the outputs and run (sequence, head) items in
+// parallel, each with its own workspace.
+//
+// Only the n real tokens of a sequence are touched: q, k, v rows are gathered (any row stride,
+// fp32 or bf16) into small fp32 buffers padded to whole vectors, the scores of the whole
+// (sequence, head) tile are formed with a register-blocked micro-kernel, softmax runs on the
+// tile, and only the log-sum-exp per query is kept for the backward, which recomputes P.
+//   forward : S = scale Q K^T, P = softmax(S), O = P V, lse = rowwise log-sum-exp of S
+//   backward: D_i = dO_i . O_i, dP = dO V^T, dS = P * (dP - D), dQ = scale dS K,
+//             dK = scale dS^T Q, dV = P^T dO
+// The backward works on transposed tiles (S^T = K Q^T), so dK and dV are plain row products
+// and dQ^T = scale K^T dS^T: no n x n transposes. Rows of padded tokens (tokens n..n+n_pad
+// of the item) are written as zeros in every output, and their lse as 0.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kernel_table.h"
+
+namespace smarter_fast::cpu {
+namespace CPU_CAPABILITY {
+namespace attn {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kV = Vec::size();
+constexpr int kMR = 4;  // rows of A per micro-tile
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kNV = 4;  // vectors of B per micro-tile: 4x4 accumulators + 4 B + 1 A of 32 zmm
+#else
+constexpr int kNV = 3;  // 4x3 + 3 + 1 = 16 ymm
+#endif
+
+inline int64_t round_up(int64_t x) { return (x + kV - 1) / kV * kV; }
+
+// C[r, 0:NV*kV] = alpha * sum_k A[r, k] * B[k, 0:NV*kV] for r < MR: MR x NV accumulators live in
+// registers across the whole k loop; each B vector loaded once serves MR rows.
+template <int MR, int NV>
+inline void micro_tile(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, int64_t K, float alpha) {
+  Vec acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = Vec(0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + k * ldb + v * kV);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const Vec a(A[r * lda + k]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  const Vec al(alpha);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) (acc[r][v] * al).store(C + r * ldc + v * kV);
+}
+
+template <int MR>
+inline void micro_row(int nv, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                      int64_t ldc, int64_t K, float alpha) {
+  switch (nv) {
+    case 1: micro_tile<MR, 1>(A, lda, B, ldb, C, ldc, K, alpha); break;
+    case 2: micro_tile<MR, 2>(A, lda, B, ldb, C, ldc, K, alpha); break;
+    case 3: micro_tile<MR, 3>(A, lda, B, ldb, C, ldc, K, alpha); break;
+#if defined(CPU_CAPABILITY_AVX512)
+    case 4: micro_tile<MR, 4>(A, lda, B, ldb, C, ldc, K, alpha); break;
+#endif
+    default: break;
+  }
+}
+
+// C (M x N) = alpha * A (M x K) . B (K x N), all row-major fp32 with leading dimensions in
+// floats; N is a multiple of kV (the buffers are padded to whole vectors).
+inline void matmul(const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                   int64_t ldc, int64_t M, int64_t N, int64_t K, float alpha) {
+  const int64_t vectors = N / kV;
+  for (int64_t c = 0; c < vectors; c += kNV) {
+    const int nv = int(std::min<int64_t>(kNV, vectors - c));
+    const float* Bc = B + c * kV;
+    float* Cc = C + c * kV;
+    int64_t r = 0;
+    for (; r + kMR <= M; r += kMR)
+      micro_row<kMR>(nv, A + r * lda, lda, Bc, ldb, Cc + r * ldc, ldc, K, alpha);
+    switch (M - r) {
+      case 1: micro_row<1>(nv, A + r * lda, lda, Bc, ldb, Cc + r * ldc, ldc, K, alpha); break;
+      case 2: micro_row<2>(nv, A + r * lda, lda, Bc, ldb, Cc + r * ldc, ldc, K, alpha); break;
+      case 3: micro_row<3>(nv, A + r * lda, lda, Bc, ldb, Cc + r * ldc, ldc, K, alpha); break;
+      default: break;
+    }
+  }
+}
+
+inline float hmax(const Vec& x) {
+  float lanes[kV];
+  x.store(lanes);
+  float m = lanes[0];
+  for (int64_t j = 1; j < kV; ++j) m = std::max(m, lanes[j]);
+  return m;
+}
+
+inline float hsum(const Vec& x) {
+  float lanes[kV];
+  x.store(lanes);
+  float s = 0.0f;
+  for (int64_t j = 0; j < kV; ++j) s += lanes[j];
+  return s;
+}
+
+// Where token i of one (sequence, head) item lives in a tensor.
+struct Rows {
+  const AttnSeq& s;
+  int64_t row(const AttnTensor& t, int64_t i) const {
+    const int64_t tok = s.tokens ? s.tokens[i] : s.first_token + i;
+    return s.batch * t.batch_stride + tok * t.token_stride + s.head * t.head_stride;
+  }
+};
+
+template <typename T>
+inline float to_f(T x) { return float(x); }
+
+// dst (n x ld) <- rows 0..n of t, converted to fp32, columns D..ld zero.
+template <typename T>
+inline void gather_rows(const AttnTensor& t, const Rows& rows, int64_t n, int64_t D, int64_t ld,
+                        float* dst) {
+  const T* base = static_cast<const T*>(t.data);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* src = base + rows.row(t, i);
+    float* d = dst + i * ld;
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(d, src, sizeof(float) * D);
+    } else {
+      for (int64_t j = 0; j < D; ++j) d[j] = to_f(src[j]);
+    }
+    for (int64_t j = D; j < ld; ++j) d[j] = 0.0f;
+  }
+}
+
+// dst (D x ld) <- rows 0..n of t transposed, columns n..ld zero.
+template <typename T>
+inline void gather_cols(const AttnTensor& t, const Rows& rows, int64_t n, int64_t D, int64_t ld,
+                        float* dst) {
+  const T* base = static_cast<const T*>(t.data);
+  for (int64_t i = 0; i < n; ++i) {
+    const T* src = base + rows.row(t, i);
+    for (int64_t j = 0; j < D; ++j) dst[j * ld + i] = to_f(src[j]);
+  }
+  for (int64_t j = 0; j < D; ++j)
+    for (int64_t i = n; i < ld; ++i) dst[j * ld + i] = 0.0f;
+}
+
+// rows 0..n of t <- src (n x ld), first D columns.
+template <typename T>
+inline void scatter_rows(const AttnTensor& t, const Rows& rows, int64_t n, int64_t D, int64_t ld,
+                         const float* src) {
+  T* base = static_cast<T*>(t.data);
+  for (int64_t i = 0; i < n; ++i) {
+    T* d = base + rows.row(t, i);
+    const float* s = src + i * ld;
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(d, s, sizeof(float) * D);
+    } else {
+      for (int64_t j = 0; j < D; ++j) d[j] = T(s[j]);
+    }
+  }
+}
+
+// rows 0..n of t <- transpose of src (D x ld).
+template <typename T>
+inline void scatter_cols(const AttnTensor& t, const Rows& rows, int64_t n, int64_t D, int64_t ld,
+                         const float* src) {
+  T* base = static_cast<T*>(t.data);
+  for (int64_t i = 0; i < n; ++i) {
+    T* d = base + rows.row(t, i);
+    for (int64_t j = 0; j < D; ++j) d[j] = T(src[j * ld + i]);
+  }
+}
+
+template <typename T>
+inline void zero_rows(const AttnTensor& t, const Rows& rows, int64_t from, int64_t to,
+                      int64_t D) {
+  T* base = static_cast<T*>(t.data);
+  for (int64_t i = from; i < to; ++i) std::memset(base + rows.row(t, i), 0, sizeof(T) * D);
+}
+
+inline int64_t workspace_floats(int64_t max_len, int64_t D, bool backward) {
+  const int64_t n = std::max<int64_t>(max_len, 1), np = round_up(n), Dp = round_up(D);
+  if (!backward) return 3 * n * Dp + D * np + n * np;  // Q, V, O; K^T; S
+  // Q, K, V, dO, dK, dV; Q^T, K^T, dO^T, dQ^T; S^T, dP^T; lse, D
+  return 6 * n * Dp + 4 * D * np + 2 * n * np + 2 * np;
+}
+
+template <typename T>
+void forward(const AttnArgs& a, const AttnSeq& s, float* ws) {
+  const Rows rows{s};
+  const int64_t D = a.head_dim, n = s.n_real;
+  float* lse = static_cast<float*>(a.lse.data);
+  zero_rows<T>(a.out, rows, n, n + s.n_pad, D);
+  for (int64_t i = n; i < n + s.n_pad; ++i) lse[rows.row(a.lse, i)] = 0.0f;
+  if (n == 0) return;
+  const int64_t np = round_up(n), Dp = round_up(D);
+  float* Q = ws;            // n x Dp
+  float* V = Q + n * Dp;    // n x Dp
+  float* O = V + n * Dp;    // n x Dp
+  float* Kt = O + n * Dp;   // D x np
+  float* S = Kt + D * np;   // n x np: scores, then probabilities
+  gather_rows<T>(a.q, rows, n, D, Dp, Q);
+  gather_rows<T>(a.v, rows, n, D, Dp, V);
+  gather_cols<T>(a.k, rows, n, D, np, Kt);
+  matmul(Q, Dp, Kt, np, S, np, n, np, D, a.scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    float* si = S + i * np;
+    for (int64_t j = n; j < np; ++j) si[j] = neg_inf;  // keys past the end get no weight
+    Vec vmax(neg_inf);
+    for (int64_t j = 0; j < np; j += kV) vmax = at::vec::maximum(vmax, Vec::loadu(si + j));
+    const float m = hmax(vmax);
+    const Vec vm(m);
+    Vec vsum(0.0f);
+    for (int64_t j = 0; j < np; j += kV) {
+      const Vec e = (Vec::loadu(si + j) - vm).exp_u20();
+      e.store(si + j);
+      vsum = vsum + e;
+    }
+    const float sum = hsum(vsum);  // >= 1: the max term is exp(0)
+    const Vec inv(1.0f / sum);
+    for (int64_t j = 0; j < np; j += kV) (Vec::loadu(si + j) * inv).store(si + j);
+    lse[rows.row(a.lse, i)] = m + std::log(sum);
+  }
+  matmul(S, np, V, Dp, O, Dp, n, Dp, n, 1.0f);
+  scatter_rows<T>(a.out, rows, n, D, Dp, O);
+}
+
+template <typename T>
+void backward(const AttnArgs& a, const AttnSeq& s, float* ws) {
+  const Rows rows{s};
+  const int64_t D = a.head_dim, n = s.n_real;
+  zero_rows<T>(a.grad_q, rows, n, n + s.n_pad, D);
+  zero_rows<T>(a.grad_k, rows, n, n + s.n_pad, D);
+  zero_rows<T>(a.grad_v, rows, n, n + s.n_pad, D);
+  if (n == 0) return;
+  const int64_t np = round_up(n), Dp = round_up(D);
+  float* Q = ws;              // n x Dp
+  float* K = Q + n * Dp;      // n x Dp
+  float* V = K + n * Dp;      // n x Dp
+  float* dO = V + n * Dp;     // n x Dp
+  float* dK = dO + n * Dp;    // n x Dp
+  float* dV = dK + n * Dp;    // n x Dp
+  float* Qt = dV + n * Dp;    // D x np
+  float* Kt = Qt + D * np;    // D x np
+  float* dOt = Kt + D * np;   // D x np
+  float* dQt = dOt + D * np;  // D x np
+  float* PT = dQt + D * np;   // n x np: S^T, then P^T (row j = key, column i = query)
+  float* dST = PT + n * np;   // n x np: dP^T, then dS^T
+  float* L = dST + n * np;    // np: lse per query (+inf past the end, so P^T is 0 there)
+  float* Dq = L + np;         // np: rowsum(dO * O) per query (0 past the end)
+  gather_rows<T>(a.q, rows, n, D, Dp, Q);
+  gather_rows<T>(a.k, rows, n, D, Dp, K);
+  gather_rows<T>(a.v, rows, n, D, Dp, V);
+  gather_rows<T>(a.grad_out, rows, n, D, Dp, dO);
+  gather_cols<T>(a.q, rows, n, D, np, Qt);
+  gather_cols<T>(a.k, rows, n, D, np, Kt);
+  gather_cols<T>(a.grad_out, rows, n, D, np, dOt);
+  const float* lse = static_cast<const float*>(a.lse.data);
+  const T* out = static_cast<const T*>(a.out.data);
+  for (int64_t i = 0; i < n; ++i) {
+    L[i] = lse[rows.row(a.lse, i)];
+    const T* o = out + rows.row(a.out, i);
+    const float* g = dO + i * Dp;
+    float acc = 0.0f;
+    for (int64_t j = 0; j < D; ++j) acc += g[j] * to_f(o[j]);
+    Dq[i] = acc;
+  }
+  for (int64_t i = n; i < np; ++i) {
+    L[i] = std::numeric_limits<float>::infinity();
+    Dq[i] = 0.0f;
+  }
+  matmul(K, Dp, Qt, np, PT, np, n, np, D, a.scale);  // S^T
+  matmul(V, Dp, dOt, np, dST, np, n, np, D, 1.0f);   // dP^T
+  for (int64_t j = 0; j < n; ++j) {
+    float* p = PT + j * np;
+    float* ds = dST + j * np;
+    for (int64_t i = 0; i < np; i += kV) {
+      const Vec pv = (Vec::loadu(p + i) - Vec::loadu(L + i)).exp_u20();
+      pv.store(p + i);
+      (pv * (Vec::loadu(ds + i) - Vec::loadu(Dq + i))).store(ds + i);
+    }
+  }
+  matmul(PT, np, dO, Dp, dV, Dp, n, Dp, n, 1.0f);      // dV = P^T dO
+  matmul(dST, np, Q, Dp, dK, Dp, n, Dp, n, a.scale);   // dK = scale dS^T Q
+  matmul(Kt, np, dST, np, dQt, np, D, np, n, a.scale); // dQ^T = scale K^T dS^T
+  scatter_cols<T>(a.grad_q, rows, n, D, np, dQt);
+  scatter_rows<T>(a.grad_k, rows, n, D, Dp, dK);
+  scatter_rows<T>(a.grad_v, rows, n, D, Dp, dV);
+}
+
+inline void attention_fwd(const AttnArgs& a, const AttnSeq& s, float* ws) {
+  if (a.bf16) forward<c10::BFloat16>(a, s, ws);
+  else forward<float>(a, s, ws);
+}
+
+inline void attention_bwd(const AttnArgs& a, const AttnSeq& s, float* ws) {
+  if (a.bf16) backward<c10::BFloat16>(a, s, ws);
+  else backward<float>(a, s, ws);
+}
+
+}  // namespace attn
+}  // namespace CPU_CAPABILITY
+}  // namespace smarter_fast::cpu

@@ -1,0 +1,307 @@
+"""Attention (padded with attention_mask, packed with cu_seqlens): the ref contract, and the cpp
+kernels against ref on fresh random odd shapes, forward and backward.
+
+The cpp kernels compute in fp32 (no float64 kernel, so no gradcheck): they are compared with
+ref run in float64 on the same inputs, at atol 1e-5 / rtol 1e-4 (observed errors ~1e-6).
+"""
+
+import math
+
+import pytest
+import torch
+
+from smarter_fast import ops
+from smarter_fast.ops import BackendUnavailableError
+from smarter_fast.ops.attention import ref
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _qkv(B, H, L, D, dtype=torch.float32, fused=True):
+    """q, k, v (B, H, L, D) leaves; fused=True gives the model's layout: strided views of one
+    (B, L, 3, H, D) tensor (no copy)."""
+    if fused:
+        qkv = torch.randn(B, L, 3, H, D, dtype=dtype)
+        return [x.detach().requires_grad_() for x in qkv.permute(2, 0, 3, 1, 4)]
+    return [torch.randn(B, H, L, D, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def _right_padded_mask(lengths, L):
+    return torch.arange(L)[None, :] < torch.as_tensor(lengths)[:, None]
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+def _ref64(q, k, v, mask, g):
+    """ref in float64 on the same inputs: output and gradients."""
+    q2, k2, v2 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = ref.attention(q2, k2, v2, mask)
+    return out, _grads(out, (q2, k2, v2), g.double())
+
+
+def _assert_close64(got, want, atol=ATOL, rtol=RTOL):
+    torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
+# ---- ref: the contract --------------------------------------------------------------------
+
+def test_ref_matches_sdpa_and_zeroes_padded_queries():
+    torch.manual_seed(0)
+    B, H, L, D = 3, 2, 9, 16
+    q, k, v = _qkv(B, H, L, D)
+    mask = _right_padded_mask([9, 4, 1], L)
+    out = ref.attention(q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None])
+    real = mask[:, None, :, None]
+    torch.testing.assert_close(out * real, want * real, atol=1e-6, rtol=1e-5)
+    assert torch.equal(out[~mask[:, None, :, None].expand_as(out)].abs().sum(), torch.tensor(0.0))
+    dq, dk, dv = _grads(out, (q, k, v), torch.randn_like(out))
+    pad = ~mask
+    assert dq.permute(0, 2, 1, 3)[pad].abs().max() == 0, "padded queries pass no gradient"
+    assert dk.permute(0, 2, 1, 3)[pad].abs().max() == 0, "padded keys get no weight"
+    assert dv.permute(0, 2, 1, 3)[pad].abs().max() == 0
+
+
+def test_ref_padded_keys_get_no_weight():
+    torch.manual_seed(1)
+    q, k, v = _qkv(2, 3, 6, 8)
+    mask = _right_padded_mask([6, 3], 6)
+    out = ref.attention(q, k, v, mask)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[1, :, 3:] += 100.0  # changing padded keys and values changes nothing
+    v2[1, :, 3:] -= 50.0
+    torch.testing.assert_close(ref.attention(q, k2, v2, mask), out.detach())
+
+
+def test_ref_varlen_matches_per_sequence_attention():
+    torch.manual_seed(2)
+    lengths, H, D = [5, 1, 3], 2, 8
+    T = sum(lengths)
+    q, k, v = [torch.randn(T, H, D) for _ in range(3)]
+    got = ref.attention_varlen(q, k, v, _cu(lengths), max(lengths))
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        xs = [x[sl].transpose(0, 1) for x in (q, k, v)]  # (H, n, D)
+        s = xs[0] @ xs[1].transpose(-1, -2) / math.sqrt(D)
+        want = (s.softmax(-1) @ xs[2]).transpose(0, 1)
+        torch.testing.assert_close(got[sl], want, atol=1e-6, rtol=1e-5)
+        start += n
+
+
+def test_dropout_is_refused_by_cpp_and_auto_falls_back():
+    q, k, v = _qkv(2, 2, 5, 8)
+    reasons = ops.OPS["attention"].backends["cpp"].check(q, k, v, dropout_p=0.1)
+    assert reasons == ["attention dropout not supported"]
+    assert ops.OPS["attention_varlen"].backends["cpp"].check(q, k, v, dropout_p=0.0) == []
+    chosen = ops.OPS["attention"].select("auto", (q, k, v), dropout_p=0.1)
+    assert chosen.name != "cpp"
+    with pytest.raises(BackendUnavailableError, match="attention dropout not supported"):
+        ops.attention(q, k, v, dropout_p=0.1, backend="cpp")
+
+
+# ---- cpp against ref ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("L", [1, 7, 33, 130])
+@pytest.mark.parametrize("D", [8, 32, 40, 64])
+def test_cpp_padded_matches_ref(L, D, skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(1000 * L + D)
+    B, H = 3, 5
+    q, k, v = _qkv(B, H, L, D, fused=(D != 40))  # fused views and plain contiguous tensors
+    lengths = [L, max(1, L // 2), torch.randint(1, L + 1, ()).item()]
+    mask = _right_padded_mask(lengths, L)
+    out = ops.attention(q, k, v, mask, backend="cpp")
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    want, want_grads = _ref64(q, k, v, mask, g)
+    _assert_close64(out, want)
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, want_g)
+
+
+def test_cpp_long_sequence(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(3)
+    B, H, L, D = 2, 2, 512, 32
+    q, k, v = _qkv(B, H, L, D)
+    mask = _right_padded_mask([512, 300], L)
+    out = ops.attention(q, k, v, mask, backend="cpp")
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    want, want_grads = _ref64(q, k, v, mask, g)
+    _assert_close64(out, want)
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, want_g)
+
+
+def test_cpp_all_but_one_token_padding(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(4)
+    B, H, L, D = 4, 3, 17, 32
+    q, k, v = _qkv(B, H, L, D)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    mask[2, 0] = 1  # one real token in the whole batch; rows 0, 1, 3 are all padding
+    out = ops.attention(q, k, v, mask, backend="cpp")
+    g = torch.randn_like(out)
+    dq, dk, dv = _grads(out, (q, k, v), g)
+    want, want_grads = _ref64(q, k, v, mask, g)
+    _assert_close64(out, want)
+    for got_g, want_g in zip((dq, dk, dv), want_grads):
+        _assert_close64(got_g, want_g)
+    # one token attends to itself only: out = v, dv = g, dq = dk = 0
+    torch.testing.assert_close(out[2, :, 0], v[2, :, 0].detach())
+    torch.testing.assert_close(dv[2, :, 0], g[2, :, 0])
+    others = out.detach().clone()
+    others[2, :, 0] = 0
+    assert others.count_nonzero() == 0
+
+
+def test_cpp_padded_rows_are_exactly_zero_with_zero_grads(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(5)
+    B, H, L, D = 3, 4, 11, 32
+    q, k, v = _qkv(B, H, L, D)
+    mask = _right_padded_mask([11, 6, 2], L)
+    out = ops.attention(q, k, v, mask, backend="cpp")
+    pad = ~mask  # (B, L)
+    by_token = lambda t: t.permute(0, 2, 1, 3)[pad]  # noqa: E731  (padded tokens, H, D)
+    assert torch.equal(by_token(out), torch.zeros_like(by_token(out)))
+    dq, dk, dv = _grads(out, (q, k, v), torch.randn_like(out))
+    for d in (dq, dk, dv):
+        assert torch.equal(by_token(d), torch.zeros_like(by_token(d)))
+    # the output layout lets the model reshape to (B, L, H * D) without a copy
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_cpp_any_mask_pattern_and_no_mask(skip_unless_cpp):
+    """Not only right padding: any (B, L) mask (bool or int) gives ref's result."""
+    skip_unless_cpp("attention")
+    torch.manual_seed(6)
+    B, H, L, D = 3, 2, 13, 16
+    q, k, v = _qkv(B, H, L, D)
+    mask = torch.rand(B, L) < 0.6
+    mask[:, 5] = True
+    for m in (mask, mask.to(torch.int32), None):
+        out = ops.attention(q, k, v, m, backend="cpp")
+        g = torch.randn_like(out)
+        grads = _grads(out, (q, k, v), g)
+        want, want_grads = _ref64(q, k, v, m, g)
+        _assert_close64(out, want)
+        for got_g, want_g in zip(grads, want_grads):
+            _assert_close64(got_g, want_g)
+
+
+@pytest.mark.parametrize("lengths,D", [([1, 1, 1], 32), ([7, 1, 33, 2], 40), ([64, 130], 64)])
+def test_cpp_varlen_matches_ref_and_padded(lengths, D, skip_unless_cpp):
+    skip_unless_cpp("attention_varlen")
+    torch.manual_seed(sum(lengths) + D)
+    H, T, L = 5, sum(lengths), max(lengths)
+    qkv = torch.randn(T, 3, H, D)
+    q, k, v = [x.detach().requires_grad_() for x in qkv.unbind(1)]  # the model's packed views
+    cu = _cu(lengths)
+    out = ops.attention_varlen(q, k, v, cu, L, backend="cpp")
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    q2, k2, v2 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = ref.attention_varlen(q2, k2, v2, cu, L)
+    want_grads = _grads(want, (q2, k2, v2), g.double())
+    _assert_close64(out, want)
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, want_g)
+    # packed and padded entry points agree
+    batch, position, _ = ref.pack_index(cu, L)
+
+    def pad(x):
+        y = x.new_zeros(len(lengths), L, H, D)
+        y[batch, position] = x.detach()
+        return y.transpose(1, 2).requires_grad_()
+
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    mask = _right_padded_mask(lengths, L)
+    out_p = ops.attention(qp, kp, vp, mask, backend="cpp")
+    gp = g.new_zeros(len(lengths), L, H, D)
+    gp[batch, position] = g
+    grads_p = _grads(out_p, (qp, kp, vp), gp.transpose(1, 2))
+    unpad = lambda x: x.transpose(1, 2)[batch, position]  # noqa: E731
+    torch.testing.assert_close(unpad(out_p), out, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads_p, grads):
+        torch.testing.assert_close(unpad(a), b, atol=1e-6, rtol=1e-5)
+
+
+def test_cpp_varlen_rejects_bad_cu_seqlens(skip_unless_cpp):
+    skip_unless_cpp("attention_varlen")
+    q = torch.randn(6, 2, 8)
+    with pytest.raises(RuntimeError, match="must end at the token count"):
+        ops.attention_varlen(q, q, q, torch.tensor([0, 2, 5]), 3, backend="cpp")
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        ops.attention_varlen(q, q, q, torch.tensor([0, 4, 3, 6]), 4, backend="cpp")
+
+
+def test_cpp_bf16_close_to_fp32(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(7)
+    B, H, L, D = 2, 3, 20, 32
+    q, k, v = _qkv(B, H, L, D, dtype=torch.bfloat16)
+    mask = _right_padded_mask([20, 9], L)
+    out = ops.attention(q, k, v, mask, backend="cpp")
+    assert out.dtype == torch.bfloat16
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    want, want_grads = _ref64(q, k, v, mask, g)
+    # inputs are exact in both; the error is bf16 rounding of the outputs (~2^-8 relative)
+    _assert_close64(out, want, atol=2e-2, rtol=2e-2)
+    for got_g, want_g in zip(grads, want_grads):
+        assert got_g.dtype == torch.bfloat16
+        _assert_close64(got_g, want_g, atol=3e-2, rtol=3e-2)
+
+
+def test_cpp_is_chosen_automatically_on_cpu(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    q, k, v = _qkv(2, 2, 5, 8)
+    assert ops.OPS["attention"].select("auto", (q, k, v)).name in ("cpp", "triton")
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        ops.attention(q.double(), k.double(), v.double(), backend="cpp")
+
+
+def test_cpp_opcheck(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    skip_unless_cpp("attention_varlen")
+    torch.manual_seed(8)
+    B, H, L, D = 2, 3, 9, 16
+    q, k, v = _qkv(B, H, L, D)
+    mask = _right_padded_mask([9, 4], L)
+    torch.library.opcheck(torch.ops.smarter_fast.attention_fwd.default, (q, k, v, mask))
+    torch.library.opcheck(torch.ops.smarter_fast.attention_fwd.default, (q, k, v, None))
+    out, lse = torch.ops.smarter_fast.attention_fwd(q, k, v, mask)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.smarter_fast.attention_bwd.default,
+                          (g, q.detach(), k.detach(), v.detach(), mask, out.detach(), lse))
+    lengths = [4, 1, 6]
+    qp, kp, vp = [torch.randn(11, H, D, requires_grad=True) for _ in range(3)]
+    cu = _cu(lengths)
+    torch.library.opcheck(torch.ops.smarter_fast.attention_varlen_fwd.default,
+                          (qp, kp, vp, cu, 6))
+    out, lse = torch.ops.smarter_fast.attention_varlen_fwd(qp, kp, vp, cu, 6)
+    torch.library.opcheck(torch.ops.smarter_fast.attention_varlen_bwd.default,
+                          (torch.randn_like(out), qp.detach(), kp.detach(), vp.detach(), cu, 6,
+                           out.detach(), lse))
+
+
+def test_cpp_lse_is_the_log_sum_exp(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(9)
+    B, H, L, D = 2, 2, 7, 8
+    q, k, v = _qkv(B, H, L, D, fused=False)
+    mask = _right_padded_mask([7, 3], L)
+    _, lse = torch.ops.smarter_fast.attention_fwd(q, k, v, mask)
+    s = (q @ k.transpose(-1, -2)).detach() / math.sqrt(D)
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    want = torch.logsumexp(s, -1) * mask[:, None, :]
+    torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
