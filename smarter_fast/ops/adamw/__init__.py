@@ -6,7 +6,8 @@ from ..registry import Backend, FLOAT_DTYPES, any_device, cpu_only, op, triton_d
 from . import cpp, ref, triton
 
 ADAMW = op("adamw")
-ADAMW.register(Backend("triton", None, triton_devices, (torch.float32,), triton.availability))
+ADAMW.register(Backend("triton", triton.adamw_step_, triton_devices, (torch.float32,),
+                       triton.availability, triton.check))
 ADAMW.register(Backend("cpp", cpp.adamw_step_, cpu_only, (torch.float32,), cpp.availability,
                        cpp.check))
 ADAMW.register(Backend("ref", ref.adamw_step_, any_device, FLOAT_DTYPES, lambda: None))

@@ -10,7 +10,8 @@ ATTENTION_VARLEN = op("attention_varlen")
 for _op, _ref, _cpp, _cpp_availability in (
         (ATTENTION, ref.attention, cpp.attention, cpp.availability),
         (ATTENTION_VARLEN, ref.attention_varlen, cpp.attention_varlen, cpp.varlen_availability)):
-    _op.register(Backend("triton", None, triton_devices, FLOAT_DTYPES, triton.availability))
+    _op.register(Backend("triton", getattr(triton, _op.name), triton_devices, triton.DTYPES,
+                         triton.availability, triton.check))  # triton.attention[_varlen]
     _op.register(Backend("cpp", _cpp, cpu_only, (torch.float32, torch.bfloat16),
                          _cpp_availability, cpp.check))
     _op.register(Backend("ref", _ref, any_device, FLOAT_DTYPES, lambda: None))

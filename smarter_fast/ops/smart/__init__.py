@@ -8,12 +8,14 @@ from . import cpp, ref, triton
 _F32 = (torch.float32,)
 
 SMART_NOISE = op("smart_noise")
-SMART_NOISE.register(Backend("triton", None, triton_devices, FLOAT_DTYPES, triton.availability))
+SMART_NOISE.register(Backend("triton", triton.smart_noise, triton_devices, triton.DTYPES,
+                             triton.availability, triton.check))
 SMART_NOISE.register(Backend("cpp", cpp.smart_noise, cpu_only, _F32, cpp.noise_availability))
 SMART_NOISE.register(Backend("ref", ref.smart_noise, any_device, FLOAT_DTYPES, lambda: None))
 
 SMART_MSE = op("smart_mse")
-SMART_MSE.register(Backend("triton", None, triton_devices, FLOAT_DTYPES, triton.availability))
+SMART_MSE.register(Backend("triton", triton.smart_mse, triton_devices, triton.DTYPES,
+                           triton.availability, triton.mse_check))
 SMART_MSE.register(Backend("cpp", cpp.smart_mse, cpu_only, _F32, cpp.mse_availability))
 SMART_MSE.register(Backend("ref", ref.smart_mse, any_device, FLOAT_DTYPES, lambda: None))
 
