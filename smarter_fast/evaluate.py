@@ -1,0 +1,254 @@
+"""Evaluation: metrics, the SST confusion matrix and CS224N leaderboard prediction files.
+
+    python -m smarter_fast.evaluate --checkpoint DIR --data-dir DIR [--out DIR]
+
+Metrics (dev): SST accuracy and macro-F1, Quora accuracy, STS Pearson correlation,
+mean_score = mean(sst_acc, quora_acc, sts_pearson) and
+cs224n_score = mean(sst_acc, quora_acc, (sts_pearson + 1) / 2).
+
+Prediction files, named as in the CS224N starter (sst-dev-output.csv, sst-test-output.csv,
+para-dev-output.csv, para-test-output.csv, sts-dev-output.csv, sts-test-output.csv), one per dev and
+test-student split present: a header `id \\t Predicted_Sentiment` (`Predicted_Is_Paraphrase`,
+`Predicted_Similiary` -- misspelt as the leaderboard expects), then `id , value` per example.
+
+Inference runs in eval mode under torch.inference_mode with length-sorted batches (little padding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.batching import pad_batch
+from .data.cs224n import DataError, load_cs224n
+from .data.tokenize import encode_pairs, encode_sentences, load_tokenizer
+from .losses import HEAD_OF, TASKS
+from .report import atomic_write_json, atomic_write_text, format_metrics, plot_confusion_matrix
+
+N_SST = 5
+PRED_FILES = {"sst": "sst", "quora": "para", "sts": "sts"}
+PRED_HEADERS = {"sst": "Predicted_Sentiment", "quora": "Predicted_Is_Paraphrase",
+                "sts": "Predicted_Similiary"}  # sic: the leaderboard's spelling
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+class EncodedTask:
+    """One task's examples tokenized: ids, type_ids, labels (None for test) and example ids."""
+
+    def __init__(self, task: str, examples, tokenizer):
+        self.task = task
+        self.example_ids = [e.id for e in examples]
+        if task == "sst":
+            self.ids, self.type_ids = encode_sentences(tokenizer, [e.sentence for e in examples])
+        else:
+            self.ids, self.type_ids = encode_pairs(tokenizer, [e.sentence1 for e in examples],
+                                                   [e.sentence2 for e in examples])
+        labels = [e.label for e in examples]
+        self.labels = None if not labels or labels[0] is None else labels
+        if self.labels is not None:
+            dtype = np.int64 if task == "sst" else np.float32
+            self.labels = np.asarray(self.labels, dtype=dtype)
+        self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices, pad_id: int = 0) -> dict:
+        """Padded batch of these examples (labels included when known)."""
+        ids = [self.ids[i] for i in indices]
+        type_ids = [self.type_ids[i] for i in indices]
+        b = pad_batch(ids, type_ids, None, pad_id=pad_id)
+        if self.labels is not None:
+            b["labels"] = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
+        return b
+
+
+def encode_split(split_data, tokenizer) -> dict[str, EncodedTask]:
+    """CS224NSplit -> {task: EncodedTask}."""
+    return {t: EncodedTask(t, getattr(split_data, t), tokenizer) for t in TASKS}
+
+
+# ---- inference -----------------------------------------------------------------------------------
+def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
+                  autocast_dtype=None) -> np.ndarray:
+    """Raw model outputs for every example, in example order: (N, 5) SST logits, (N,) Quora
+    logits, (N,) STS scores. Batches are cut from the examples sorted by length."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort(data.lengths, kind="stable")
+    outs = [None] * len(order)
+    head = HEAD_OF[data.task]
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                b = data.batch(idx)
+                type_ids = b["token_type_ids"].to(device) if data.task != "sst" else None
+                with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
+                                    enabled=autocast_dtype is not None):
+                    y = model(head, b["input_ids"].to(device), b["attention_mask"].to(device), type_ids)
+                y = y.float().cpu().numpy()
+                for k, i in enumerate(idx):
+                    outs[i] = y[k]
+    finally:
+        model.train(was_training)
+    if not outs:
+        return np.zeros((0, N_SST) if data.task == "sst" else (0,), dtype=np.float32)
+    return np.stack(outs)
+
+
+def predictions_from_outputs(task: str, outputs: np.ndarray) -> np.ndarray:
+    """SST: argmax class (int); Quora: 1 if logit > 0 (sigmoid > 0.5) else 0; STS: the score."""
+    if task == "sst":
+        return outputs.argmax(axis=-1).astype(np.int64)
+    if task == "quora":
+        return (outputs > 0).astype(np.int64)
+    return outputs.astype(np.float64)
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def accuracy(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    return float((pred == gold).mean()) if len(gold) else 0.0
+
+
+def confusion_matrix(pred, gold, n_classes: int = N_SST) -> np.ndarray:
+    """(n, n) counts: rows gold class, columns predicted class."""
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(gold, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
+    return m
+
+
+def macro_f1(pred, gold, n_classes: int = N_SST) -> float:
+    """Unweighted mean over classes of F1 (a class with no gold and no predicted example counts 0,
+    as in sklearn's zero_division=0)."""
+    m = confusion_matrix(pred, gold, n_classes)
+    tp = np.diag(m).astype(np.float64)
+    denom = m.sum(axis=0) + m.sum(axis=1)  # predicted + gold = 2tp + fp + fn
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1.mean())
+
+
+def pearson(pred, gold) -> float:
+    """Pearson correlation; 0.0 when either side is constant (undefined correlation)."""
+    x, y = np.asarray(pred, dtype=np.float64), np.asarray(gold, dtype=np.float64)
+    if len(x) < 2:
+        return 0.0
+    x, y = x - x.mean(), y - y.mean()
+    den = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / den) if den > 0 else 0.0
+
+
+def combine(sst_acc: float, quora_acc: float, sts_pearson: float) -> dict:
+    return {"sst_acc": sst_acc, "quora_acc": quora_acc, "sts_pearson": sts_pearson,
+            "mean_score": (sst_acc + quora_acc + sts_pearson) / 3,
+            "cs224n_score": (sst_acc + quora_acc + (sts_pearson + 1) / 2) / 3}
+
+
+def compute_metrics(preds: dict, gold: dict) -> dict:
+    """preds/gold: {task: array} for sst (classes), quora (0/1), sts (scores)."""
+    m = combine(accuracy(preds["sst"], gold["sst"]), accuracy(preds["quora"], gold["quora"]),
+                pearson(preds["sts"], gold["sts"]))
+    m["sst_macro_f1"] = macro_f1(preds["sst"], gold["sst"])
+    m["sst_confusion"] = confusion_matrix(preds["sst"], gold["sst"]).tolist()
+    return m
+
+
+def evaluate_dev(model, dev: dict[str, EncodedTask], batch_size: int = 64, device="cpu",
+                 autocast_dtype=None) -> tuple[dict, dict]:
+    """(metrics, predictions per task) on the dev sets."""
+    preds = {t: predictions_from_outputs(t, model_outputs(model, dev[t], batch_size, device, autocast_dtype))
+             for t in TASKS}
+    return compute_metrics(preds, {t: dev[t].labels for t in TASKS}), preds
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def format_value(task: str, value) -> str:
+    return f"{float(value):.4f}" if task == "sts" else str(int(value))
+
+
+def write_predictions(out_dir, task: str, split: str, example_ids, preds) -> Path:
+    """Writes `{sst|para|sts}-{dev|test}-output.csv` in the leaderboard format."""
+    split = "test" if split in ("test", "test-student") else split
+    path = Path(out_dir) / f"{PRED_FILES[task]}-{split}-output.csv"
+    lines = [f"id \t {PRED_HEADERS[task]} "]
+    lines += [f"{i} , {format_value(task, v)} " for i, v in zip(example_ids, preds)]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_predictions(path) -> dict[str, str]:
+    """{id: value string} from a prediction file (for tests and checks)."""
+    rows = Path(path).read_text().splitlines()
+    return {k.strip(): v.strip() for k, v in (r.split(",", 1) for r in rows[1:] if r.strip())}
+
+
+def write_evaluation(model, tokenizer, data_dir, out_dir, batch_size: int = 64, device="cpu",
+                     autocast_dtype=None, dev: dict | None = None, title_suffix: str = "") -> dict:
+    """Dev metrics + prediction files for every dev and test-student split present in data_dir,
+    the SST confusion matrix as JSON and PNG, and dev_metrics.json in out_dir. Returns the metrics."""
+    out_dir = Path(out_dir)
+    pred_dir = out_dir / "predictions"
+    if dev is None:
+        dev = encode_split(load_cs224n(data_dir, "dev"), tokenizer)
+    metrics, preds = evaluate_dev(model, dev, batch_size, device, autocast_dtype)
+    for t in TASKS:
+        write_predictions(pred_dir, t, "dev", dev[t].example_ids, preds[t])
+    test = encode_split(load_cs224n(data_dir, "test"), tokenizer)
+    for t in TASKS:
+        if len(test[t]):
+            p = predictions_from_outputs(t, model_outputs(model, test[t], batch_size, device, autocast_dtype))
+            write_predictions(pred_dir, t, "test", test[t].example_ids, p)
+    atomic_write_json(pred_dir / "sst-dev-confusion.json",
+                      {"rows": "gold class", "columns": "predicted class",
+                       "matrix": metrics["sst_confusion"]})
+    plot_confusion_matrix(metrics["sst_confusion"], out_dir / "plots" / "sst_confusion.png",
+                          title="SST dev confusion matrix" + title_suffix)
+    atomic_write_json(out_dir / "dev_metrics.json", metrics)
+    return metrics
+
+
+# ---- command line --------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smarter_fast.evaluate", description=(
+        "Evaluate a MultitaskBert checkpoint on CS224N dev sets and write leaderboard predictions."))
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/checkpoints/best)")
+    p.add_argument("--data-dir", required=True, help="CS224N data directory")
+    p.add_argument("--out", default=None, help="output directory (default: the checkpoint directory)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--backend", choices=("auto", "ref", "cpp", "triton"), default="auto")
+    p.add_argument("--num-threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from .model import MultitaskBert
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        print(f"error: checkpoint directory {ckpt} not found", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else ckpt
+    try:
+        tokenizer = load_tokenizer(ckpt, max_length=args.max_length)
+        model = MultitaskBert.from_pretrained(ckpt, backend=args.backend)
+        t0 = time.time()
+        metrics = write_evaluation(model, tokenizer, args.data_dir, out, args.batch_size)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"dev: {format_metrics(metrics)}  sst_macro_f1 {metrics['sst_macro_f1']:.3f}  "
+          f"({time.time() - t0:.1f}s)")
+    print(f"wrote {out / 'predictions'}, {out / 'dev_metrics.json'}, {out / 'plots' / 'sst_confusion.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
