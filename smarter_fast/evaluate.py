@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", required=True, help="CS224N data directory")
     p.add_argument("--out", default=None, help="output directory (default: the checkpoint directory)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncation length (default: the training run's, from trainer_state.json, else 128)")
     p.add_argument("--backend", choices=("auto", "ref", "cpp", "triton"), default="auto")
     p.add_argument("--num-threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -236,6 +237,14 @@ def main(argv=None) -> int:
         print(f"error: checkpoint directory {ckpt} not found", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else ckpt
+    if args.max_length is None:
+        args.max_length = 128
+        state_file = ckpt / "trainer_state.json"
+        if state_file.is_file():
+            try:
+                args.max_length = int(json.loads(state_file.read_text())["args"]["max_length"])
+            except (ValueError, KeyError, TypeError):
+                pass
     try:
         tokenizer = load_tokenizer(ckpt, max_length=args.max_length)
         model = MultitaskBert.from_pretrained(ckpt, backend=args.backend)

@@ -1,0 +1,502 @@
+"""Multi-task fine-tuning of BERT on SST, Quora and STS, with optional SMART ("SMARTer BERT").
+
+    python -m smarter_fast.train [--data-dir DIR] [--epochs 10] [--schedule split1] ...
+
+With no --data-dir: ./data when it holds the CS224N files, else the built-in SYNTHETIC demo data
+(smarter_fast.data.demo), generated into the run directory. Defaults follow the report's best
+recipe: split1, no SMART, dropout 0, lr 1e-5, batch 8, 10 epochs.
+
+Writes into --out (default runs/<date-time>/):
+  metrics.jsonl            one JSON object per epoch (dev metrics, training loss per task, speed)
+  checkpoints/last, best   model.safetensors + config.json + vocab (save_pretrained),
+                           optimizer.pt (optimizer state dict), trainer_state.json (schedule state)
+  predictions/             leaderboard .csv files of the best checkpoint (dev and test-student)
+  plots/                   training_loss.png, dev_metrics.png, sst_confusion.png
+  dev_metrics.json         dev metrics of the best checkpoint
+
+An epoch is a deterministic list of (task, example indices) steps (smarter_fast.data.schedules),
+and every epoch seeds the torch RNG from (seed, epoch), so a run resumed at an epoch boundary
+(--resume) continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.cs224n import DataError, find_data_files, load_cs224n
+from .data.schedules import SCHEDULES, TASK_ORDER, Schedule, resolve_split_parts
+from .losses import task_loss
+from .smart import SMART_MODES, smart_simple_loss, step_seed, task_forward
+
+log = logging.getLogger("smarter_fast")
+
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.json")
+STATE_VERSION = 1
+
+
+class UsageError(Exception):
+    """A problem to report as one clean line (no traceback)."""
+
+
+# ---- arguments -------------------------------------------------------------------------------------
+def _positive_int(name):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+    return parse
+
+
+def _float(name, low=None, high=None, low_open=False, high_open=False):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
+        if low is not None and (v < low or (low_open and v == low)):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
+        if high is not None and (v > high or (high_open and v == high)):
+            raise argparse.ArgumentTypeError(f"{name} must be {'<' if high_open else '<='} {high}, got {v}")
+        return v
+    return parse
+
+
+def _split_parts(text):
+    if text == "auto":
+        return "auto"
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split-parts must be 'auto' or a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"--split-parts must be 'auto' or >= 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m smarter_fast.train",
+        description="Multi-task fine-tuning of BERT on SST, Quora and STS (CS224N minBERT), "
+                    "with the schedules and SMART regularisation of 'SMARTer BERT'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = p.add_argument_group("data and model")
+    d.add_argument("--data-dir", default=None,
+                   help="CS224N data directory (ids-sst-*.csv, quora-*.csv, sts-*.csv); default: "
+                        "./data if it holds them, else the built-in SYNTHETIC demo data")
+    d.add_argument("--pretrained", default=None,
+                   help="Hugging Face BERT directory; default: the embedded all-MiniLM-L6-v2")
+    d.add_argument("--limit", type=_positive_int("--limit"), default=None,
+                   help="keep the first N rows of each training file")
+    d.add_argument("--max-length", type=_positive_int("--max-length"), default=128,
+                   help="truncate encoded sequences to this many tokens")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive_int("--epochs"), default=10)
+    t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
+                   help="training batch size (per process)")
+    t.add_argument("--eval-batch-size", type=_positive_int("--eval-batch-size"), default=64)
+    t.add_argument("--lr", type=_float("--lr", 0.0, low_open=True), default=1e-5)
+    t.add_argument("--weight-decay", type=_float("--weight-decay", 0.0), default=0.0)
+    t.add_argument("--schedule", choices=SCHEDULES, default="split1",
+                   help="baseline: all data every epoch; split1: Quora in N parts, one per epoch; "
+                        "split2: Quora and STS in N parts")
+    t.add_argument("--split-parts", type=_split_parts, default="auto",
+                   help="N for split1/split2; auto = round(|Quora train| / |SST train|)")
+    t.add_argument("--interleave", action="store_true",
+                   help="alternate batches among tasks instead of task after task")
+    t.add_argument("--dropout", type=_float("--dropout", 0.0, 1.0, high_open=True), default=0.0,
+                   help="dropout before the task heads")
+    s = p.add_argument_group("SMART")
+    s.add_argument("--smart", choices=SMART_MODES, default="off",
+                   help="simple: the report's Algorithm 1 (noise on the embeddings); "
+                        "full (adversarial) is not implemented yet (a later issue)")
+    s.add_argument("--smart-sigma", type=_float("--smart-sigma", 0.0), default=0.05,
+                   help="standard deviation of the embedding noise")
+    s.add_argument("--smart-lambda", type=_float("--smart-lambda", 0.0), default=10.0,
+                   help="weight of the SMART term")
+    r = p.add_argument_group("run")
+    r.add_argument("--backend", choices=("auto", "ref", "cpp", "triton"), default=None,
+                   help="kernels for attention, AdamW and SMART (default: $SMARTER_FAST_BACKEND or auto)")
+    r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast with fp32 master weights")
+    r.add_argument("--seed", type=int, default=11711)
+    r.add_argument("--out", default=None, help="output directory (default: runs/<date-time>/)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (start afresh if there is none)")
+    r.add_argument("--num-threads", type=_positive_int("--num-threads"), default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.smart == "full":
+        p.error("--smart full (adversarial SMART with Bregman proximal point) is not implemented "
+                "yet; it comes in a later issue. Use --smart simple or --smart off.")
+    if args.max_length < 8:
+        p.error(f"--max-length must be >= 8, got {args.max_length}")
+    if args.max_length > 512:
+        p.error(f"--max-length must be <= 512 (BERT position embeddings), got {args.max_length}")
+    if args.schedule == "baseline" and args.split_parts not in ("auto", 1):
+        log.warning("--split-parts is ignored by --schedule baseline")
+    if args.backend is None:
+        args.backend = os.environ.get("SMARTER_FAST_BACKEND", "auto") or "auto"
+        if args.backend not in ("auto", "ref", "cpp", "triton"):
+            p.error(f"SMARTER_FAST_BACKEND={args.backend!r}: expected auto, ref, cpp or triton")
+    if args.pretrained is not None and not Path(args.pretrained).is_dir():
+        p.error(f"--pretrained {args.pretrained}: directory not found (expected a Hugging Face "
+                f"BERT directory with config.json, model.safetensors and vocab.txt)")
+    return args
+
+
+# ---- setup helpers ---------------------------------------------------------------------------------
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break training
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    if not any(isinstance(h, _TqdmHandler) for h in log.handlers):
+        h = _TqdmHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _checkpoint_desc(path) -> str:
+    if path is None:
+        from .model import default_checkpoint_dir
+        try:
+            return f"embedded all-MiniLM-L6-v2 ({default_checkpoint_dir()})"
+        except (ModuleNotFoundError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
+    return str(path)
+
+
+def resolve_data_dir(arg, out_dir: Path) -> tuple[Path, str, bool]:
+    """(directory, description, synthetic). Raises DataError for a bad --data-dir."""
+    if arg is not None:
+        find_data_files(arg)
+        return Path(arg), f"CS224N data in {arg}", False
+    local = Path("data")
+    try:
+        find_data_files(local)
+        return local, f"CS224N data in ./{local}", False
+    except DataError:
+        pass
+    from .data.demo import write_demo_data
+    directory = write_demo_data(out_dir / "demo_data")
+    return directory, (f"SYNTHETIC demo data generated in {directory} (no --data-dir and no "
+                       f"CS224N files in ./data; metrics are for the synthetic set only)"), True
+
+
+def _last_checkpoint(out_dir: Path) -> Path | None:
+    ck = out_dir / "checkpoints"
+    for name in ("last", ".last.old"):  # .last.old: crash between the two renames of a swap
+        d = ck / name
+        if all((d / f).is_file() for f in CHECKPOINT_FILES):
+            return d
+    return None
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace directory `final` by `tmp` with renames (the old one survives until the new is in)."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def save_training_checkpoint(directory: Path, model, optimizer, state: dict) -> Path:
+    """Weights + config + vocab (save_pretrained), optimizer.pt and trainer_state.json, written to
+    a temporary directory and renamed into place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    _swap_in(tmp, directory)
+    return directory
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """dst becomes a copy of src (hard links where possible: checkpoint files are never modified
+    in place, only replaced)."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    _swap_in(tmp, dst)
+    return dst
+
+
+# ---- training ----------------------------------------------------------------------------------------
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: int, args,
+                device, global_step: int, epoch_label: str, synthetic: bool):
+    """One epoch; returns (stats dict, new global_step)."""
+    from tqdm import tqdm
+    steps = schedule.epoch_steps(epoch)
+    total_examples = sum(len(ix) for _, ix in steps)
+    sums = {t: 0.0 for t in TASK_ORDER}
+    counts = {t: 0 for t in TASK_ORDER}
+    smart_sum, smart_n = 0.0, 0
+    autocast = args.precision == "bf16"
+    model.train()
+    torch.manual_seed(step_seed(args.seed, 10_000_019 + epoch))  # dropout masks: fixed per (seed, epoch)
+    seen, running = 0, None
+    t0 = time.perf_counter()
+    bar = tqdm(total=total_examples, desc=f"epoch {epoch_label}" + (" [SYNTHETIC]" if synthetic else ""),
+               unit="ex", dynamic_ncols=True, mininterval=1.0, leave=False, file=sys.stderr)
+    try:
+        for task, indices in steps:
+            batch = _to(train_data[task].batch(indices), device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                if args.smart == "simple":
+                    total, loss, term, _ = smart_simple_loss(
+                        model, task, batch, args.smart_sigma, args.smart_lambda,
+                        step_seed(args.seed, global_step), backend=args.backend)
+                else:
+                    out = task_forward(model, task, batch)
+                    loss = task_loss(task, out, batch["labels"])
+                    total, term = loss, None
+            total.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value) or not math.isfinite(float(total.detach())):
+                raise FloatingPointError(f"training loss became {value} at epoch {epoch_label}, "
+                                         f"global step {global_step} ({task}); try a lower --lr")
+            n = len(indices)
+            sums[task] += value * n
+            counts[task] += n
+            if term is not None:
+                smart_sum += float(term.detach()) * n
+                smart_n += n
+            seen += n
+            running = value if running is None else 0.98 * running + 0.02 * value
+            bar.update(n)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix_str(f"{task} loss {running:.3f}, {seen / max(elapsed, 1e-9):.1f} ex/s",
+                                refresh=False)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    stats = {
+        "train_seconds": seconds,
+        "train_examples": seen,
+        "examples_per_second": seen / seconds if seconds > 0 else 0.0,
+        "steps": len(steps),
+        **{f"train_examples_{t}": counts[t] for t in TASK_ORDER},
+        **{f"train_loss_{t}": (sums[t] / counts[t] if counts[t] else None) for t in TASK_ORDER},
+        "smart_term": smart_sum / smart_n if smart_n else None,
+    }
+    return stats, global_step
+
+
+def run(args) -> int:
+    from .data.tokenize import load_tokenizer
+    from .evaluate import encode_split, evaluate_dev, write_evaluation
+    from .model import MultitaskBert
+    from .optim import AdamW
+    from .report import atomic_write_json, format_metrics, plot_learning_curves, read_metrics
+
+    _setup_logging()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    out_dir = Path(args.out) if args.out else Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} exists and is not a directory")
+    resume_dir = _last_checkpoint(out_dir) if args.resume else None
+    try:
+        data_dir, data_desc, synthetic = resolve_data_dir(args.data_dir, out_dir)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    if resume_dir is not None:
+        ck_desc = f"{resume_dir} (resuming; started from {_checkpoint_desc(args.pretrained)})"
+    else:
+        ck_desc = _checkpoint_desc(args.pretrained)
+    print(f"data: {data_desc} | checkpoint: {ck_desc}", flush=True)
+    if args.resume and resume_dir is None:
+        print(f"--resume: no checkpoint in {out_dir / 'checkpoints' / 'last'}; starting afresh", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = " [SYNTHETIC]" if synthetic else ""
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--precision bf16: this GPU does not support bfloat16")
+    _seed_everything(args.seed)
+
+    # Data: read, tokenize, check.
+    t_setup = time.perf_counter()
+    tokenizer = load_tokenizer(args.pretrained, max_length=args.max_length)
+    try:
+        train_split = load_cs224n(data_dir, "train", limit=args.limit)
+        dev_split = load_cs224n(data_dir, "dev")
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    for split in (train_split, dev_split):
+        empty = [t for t in TASK_ORDER if not getattr(split, t)]
+        if empty:
+            raise UsageError(f"no usable {split.split} examples for {', '.join(empty)} in {data_dir}")
+    train_data = encode_split(train_split, tokenizer)
+    dev_data = encode_split(dev_split, tokenizer)
+    sizes = {t: len(train_data[t]) for t in TASK_ORDER}
+    parts = resolve_split_parts(args.split_parts, sizes["sst"], sizes["quora"])
+    schedule = Schedule(args.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
+                        args.batch_size, seed=args.seed, parts=parts, interleave=args.interleave)
+    part_note = f", {parts} parts" if args.schedule != "baseline" else ""
+    per_epoch = schedule.epoch_counts(0)
+    print(f"train: sst {sizes['sst']}, quora {sizes['quora']}, sts {sizes['sts']} examples; "
+          f"schedule {args.schedule}{part_note}{' interleaved' if args.interleave else ''}: "
+          f"epoch 1 trains sst {per_epoch['sst']} + quora {per_epoch['quora']} + sts {per_epoch['sts']}; "
+          f"dev: sst {len(dev_data['sst'])}, quora {len(dev_data['quora'])}, sts {len(dev_data['sts'])}",
+          flush=True)
+
+    # Model and optimizer (from the last checkpoint when resuming).
+    model = MultitaskBert.from_pretrained(resume_dir if resume_dir is not None else args.pretrained,
+                                          dropout=args.dropout, backend=args.backend)
+    model.to(device).train()
+    optimizer = AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, backend=args.backend)
+
+    start_epoch, global_step, best = 0, 0, {"mean_score": -math.inf, "epoch": None}
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume_dir is not None:
+        state = json.loads((resume_dir / "trainer_state.json").read_text())
+        if state.get("schedule") != schedule.state_dict():
+            raise UsageError(f"cannot resume from {resume_dir}: its schedule {state.get('schedule')} "
+                             f"differs from this run's {schedule.state_dict()} (same data, --limit, "
+                             f"--schedule, --split-parts, --batch-size and --seed needed)")
+        optimizer.load_state_dict(torch.load(resume_dir / "optimizer.pt", map_location=device,
+                                             weights_only=True))
+        start_epoch, global_step = state["epochs_done"], state["global_step"]
+        best = state["best"]
+        rows = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"resuming after epoch {start_epoch} (global step {global_step}, best mean_score "
+              f"{best['mean_score']:.4f} at epoch {best['epoch']})", flush=True)
+    else:
+        metrics_path.write_text("")
+    atomic_write_json(out_dir / "args.json", {**vars(args), "data_dir": str(data_dir),
+                                              "synthetic_data": synthetic, "split_parts_resolved": parts})
+    print(f"setup {time.perf_counter() - t_setup:.1f}s; device {device}, precision {args.precision}, "
+          f"backend {args.backend}, smart {args.smart}"
+          + (f" (sigma {args.smart_sigma}, lambda {args.smart_lambda})" if args.smart != "off" else "")
+          + f"; writing to {out_dir}", flush=True)
+
+    autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    ck_dir = out_dir / "checkpoints"
+    for epoch in range(start_epoch, args.epochs):
+        label = f"{epoch + 1}/{args.epochs}"
+        stats, global_step = train_epoch(model, optimizer, schedule, train_data, epoch, args,
+                                         device, global_step, label, synthetic)
+        t_eval = time.perf_counter()
+        metrics, _ = evaluate_dev(model, dev_data, args.eval_batch_size, device, autocast_dtype)
+        eval_seconds = time.perf_counter() - t_eval
+        is_best = metrics["mean_score"] > best["mean_score"]
+        if is_best:
+            best = {"mean_score": metrics["mean_score"], "epoch": epoch + 1}
+        row = {"epoch": epoch + 1, **{k: v for k, v in metrics.items()}, **stats,
+               "eval_seconds": eval_seconds, "global_step": global_step,
+               "split_part": (epoch % parts) if args.schedule != "baseline" else None,
+               "lr": args.lr, "smart": args.smart, "synthetic_data": synthetic, "best": is_best}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        state = {"version": STATE_VERSION, "epochs_done": epoch + 1, "global_step": global_step,
+                 "next_step_in_epoch": 0, "best": best, "schedule": schedule.state_dict(),
+                 "seed": args.seed, "args": {k: v for k, v in vars(args).items()}}
+        last = save_training_checkpoint(ck_dir / "last", model, optimizer, state)
+        if is_best:
+            copy_checkpoint(last, ck_dir / "best")
+        plot_learning_curves(read_metrics(metrics_path), out_dir / "plots", tag)
+        losses = "  ".join(f"{t} {stats[f'train_loss_{t}']:.3f}" for t in TASK_ORDER
+                           if stats[f"train_loss_{t}"] is not None)
+        smart = f"  smart {stats['smart_term']:.4f}" if stats["smart_term"] is not None else ""
+        print(f"epoch {label}{tag}: {stats['train_examples']} ex in {stats['train_seconds']:.1f}s "
+              f"({stats['examples_per_second']:.1f} ex/s), loss {losses}{smart} | dev "
+              f"{format_metrics(metrics)} (eval {eval_seconds:.1f}s){'  *best' if is_best else ''}",
+              flush=True)
+
+    # Predictions and confusion matrix from the best checkpoint.
+    best_dir = ck_dir / "best"
+    if not (best_dir / "model.safetensors").is_file():
+        raise UsageError(f"no best checkpoint in {best_dir}")
+    best_model = MultitaskBert.from_pretrained(best_dir, backend=args.backend).to(device)
+    final = write_evaluation(best_model, tokenizer, data_dir, out_dir, args.eval_batch_size, device,
+                             autocast_dtype, dev=dev_data, title_suffix=tag)
+    print(f"best epoch {best['epoch']}{tag}: {format_metrics(final)}  sst_macro_f1 "
+          f"{final['sst_macro_f1']:.3f}", flush=True)
+    print(f"outputs: {metrics_path}, {best_dir}, {out_dir / 'predictions'}, {out_dir / 'plots'}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume --out DIR to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # clean one-liners for the errors a user can fix
+        from .ops import BackendUnavailableError
+        if isinstance(e, (BackendUnavailableError, FloatingPointError, FileNotFoundError,
+                          ModuleNotFoundError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`python -m smarter_fast.train` end to end on tiny data with a tiny random BERT checkpoint."""
+
+import json
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smarter_fast.data.demo import write_demo_data
+from smarter_fast.model import BertConfig, BertModel, save_checkpoint
+from smarter_fast.train import main
+
+TINY_SIZES = {
+    "sst": {"train": 24, "dev": 10, "test-student": 6},
+    "quora": {"train": 50, "dev": 10, "test-student": 6},
+    "sts": {"train": 16, "dev": 10, "test-student": 6},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(checkpoint dir, data dir): a 2-layer hidden-32 BERT over a character vocabulary."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += list(string.ascii_lowercase + string.digits + ".,?!'-")
+    vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    ckpt = save_checkpoint(BertModel(cfg), root / "ckpt", cfg, vocab_file=root / "vocab.txt")
+    data = write_demo_data(root / "data", sizes=TINY_SIZES)
+    return ckpt, data
+
+
+def run(tiny, out, *extra):
+    ckpt, data = tiny
+    return main(["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out),
+                 "--batch-size", "4", "--eval-batch-size", "16", "--lr", "1e-3", "--max-length", "64",
+                 "--num-threads", "1", *extra])
+
+
+def rows(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_outputs(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny, out, "--epochs", "2", "--split-parts", "2", "--limit", "40") == 0
+    stdout = capsys.readouterr().out
+    first = stdout.splitlines()[0]
+    assert first.startswith("data: CS224N data in") and "checkpoint:" in first
+    assert "epoch 2/2" in stdout
+    r = rows(out)
+    assert [x["epoch"] for x in r] == [1, 2]
+    for x in r:
+        for key in ("sst_acc", "quora_acc", "sts_pearson", "mean_score", "cs224n_score",
+                    "train_seconds", "train_examples", "examples_per_second",
+                    "train_loss_sst", "train_loss_quora", "train_loss_sts", "smart_term"):
+            assert key in x, key
+        assert x["mean_score"] == pytest.approx((x["sst_acc"] + x["quora_acc"] + x["sts_pearson"]) / 3)
+        assert x["cs224n_score"] == pytest.approx((x["sst_acc"] + x["quora_acc"] + (x["sts_pearson"] + 1) / 2) / 3)
+        # --limit 40 keeps 24 SST, 40 Quora (2 parts of 20), 16 STS
+        assert (x["train_examples_sst"], x["train_examples_quora"], x["train_examples_sts"]) == (24, 20, 16)
+        assert x["train_examples"] == 60
+        assert x["examples_per_second"] == pytest.approx(60 / x["train_seconds"])
+    for name in ("best", "last"):
+        d = out / "checkpoints" / name
+        for f in ("model.safetensors", "config.json", "vocab.txt", "optimizer.pt", "trainer_state.json"):
+            assert (d / f).is_file(), d / f
+    assert json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())["epochs_done"] == 2
+    preds = out / "predictions"
+    for f in ("sst-dev-output.csv", "sst-test-output.csv", "para-dev-output.csv", "para-test-output.csv",
+              "sts-dev-output.csv", "sts-test-output.csv"):
+        assert (preds / f).is_file(), f
+    assert len((preds / "sst-dev-output.csv").read_text().splitlines()) == 11
+    assert (preds / "para-dev-output.csv").read_text().startswith("id \t Predicted_Is_Paraphrase")
+    for f in ("training_loss.png", "dev_metrics.png", "sst_confusion.png"):
+        assert (out / "plots" / f).stat().st_size > 1000
+    assert not list((out / "checkpoints").glob(".*"))  # no temporary leftovers
+
+    # the evaluate CLI on the best checkpoint reproduces the best epoch's dev metrics
+    from smarter_fast.evaluate import main as evaluate_main
+    ev = tmp_path / "ev"
+    assert evaluate_main(["--checkpoint", str(out / "checkpoints" / "best"), "--data-dir", str(tiny[1]),
+                          "--out", str(ev), "--num-threads", "1"]) == 0
+    best = max(r, key=lambda x: x["mean_score"])
+    got = json.loads((ev / "dev_metrics.json").read_text())
+    assert got["mean_score"] == pytest.approx(best["mean_score"], abs=1e-3)  # other batching: fp noise
+    assert got["sst_acc"] == best["sst_acc"]
+    assert (ev / "predictions" / "sts-test-output.csv").is_file()
+
+
+def test_resume_matches_uninterrupted_run_and_is_deterministic(tiny, tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ("--split-parts", "2", "--schedule", "split2", "--smart", "simple", "--interleave")
+    assert run(tiny, full, "--epochs", "2", *args) == 0
+    assert run(tiny, part, "--epochs", "1", *args) == 0
+    assert run(tiny, part, "--epochs", "2", "--resume", *args) == 0
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    a, b = rows(full), rows(part)
+    assert len(b) == 2
+    for key in ("sst_acc", "quora_acc", "sts_pearson", "train_loss_sst", "train_loss_sts", "smart_term"):
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-5, abs=1e-6), key
+    assert a[0]["smart_term"] > 0
+    # split2: both Quora and STS cut in two
+    assert a[0]["train_examples_quora"] == 25 and a[0]["train_examples_sts"] == 8
+
+
+def test_resume_without_checkpoint_starts_afresh(tiny, tmp_path, capsys):
+    assert run(tiny, tmp_path / "new", "--epochs", "1", "--resume") == 0
+    assert "starting afresh" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--smart", "full"], "not implemented yet"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--split-parts", "x"], "--split-parts must be"),
+    (["--dropout", "1.5"], "--dropout must be"),
+    (["--schedule", "nope"], "invalid choice"),
+    (["--lr", "-1"], "--lr must be"),
+])
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_dir_is_one_clean_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "smarter_fast.train", "--data-dir", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "not found" in p.stderr
+    assert "Traceback" not in p.stderr
