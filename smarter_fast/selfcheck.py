@@ -133,6 +133,9 @@ def bench_attention(table: Table) -> None:
             base = cuda_time_ms(sdpa)
             table.row(L, D, "torch SDPA + mask", f"{base:.3f}", "1.00x")
             for b in OPS["attention"].ordered():
+                if "cuda" not in b.devices():  # without loading (building) a CPU extension
+                    table.row(L, D, b.name, "-", f"runs on {'/'.join(b.devices())} only")
+                    continue
                 reasons = b.not_supported_reasons((q, k, v), dropout_p=0.0)
                 if reasons:
                     table.row(L, D, b.name, "-", "unavailable: " + "; ".join(reasons))
@@ -401,8 +404,17 @@ def main(argv=None) -> int:
     header = (f"smarter_fast self-check on {torch.cuda.get_device_name(0)}: torch "
               f"{torch.__version__}, triton {triton_version}, python {sys.version.split()[0]}")
     print(header, flush=True)
-    from .info import report
-    info = [ln for ln in report() if " available" in ln or " unavailable" in ln]
+    from .ops import OPS
+    info = []
+    for op_name, op in OPS.items():  # like smarter_fast.info, but CPU-only backends unprobed
+        for b in op.ordered():
+            if "cuda" not in b.devices():
+                info.append(f"{op_name} {b.name} not for CUDA (runs on "
+                            f"{'/'.join(b.devices())})")
+                continue
+            why = b.availability()
+            info.append(f"{op_name} {b.name} " + ("available" if why is None
+                                                  else f"unavailable: {why}"))
 
     if not args.skip_tests:
         print("running the CUDA tests ...", flush=True)

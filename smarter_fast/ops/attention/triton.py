@@ -345,11 +345,11 @@ if TRITON_ERROR is None:
             grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), n_seq * heads)  # noqa: E731
             wrap_triton(_attn_fwd_tuned)[grid](*args, **meta,
                                                BLOCK_N=_block_n(bucket, dim, q.dtype))
-        else:
-            bm = min(64, bucket)
+        else:  # fixed heuristic config: one compile per shape class
+            bm, bn = min(64, bucket), _block_n(bucket, dim, q.dtype)
             wrap_triton(_attn_fwd_kernel)[(triton.cdiv(rows, bm), n_seq * heads)](
-                *args, **meta, BLOCK_M=bm, BLOCK_N=_block_n(bucket, dim, q.dtype),
-                num_warps=4, num_stages=2)
+                *args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                num_warps=8 if bn * dim >= 128 * 64 else 4, num_stages=2)
         return out, lse
 
     @triton_op("smarter_fast_triton::attention_bwd", mutates_args=())
@@ -386,8 +386,8 @@ if TRITON_ERROR is None:
         elif autotune_enabled():
             grid = lambda META: (triton.cdiv(rows, META["BLOCK"]), n_seq * heads)  # noqa: E731
             wrap_triton(_attn_bwd_tuned)[grid](*args, **meta)
-        else:
-            blk = min(64, bucket)
+        else:  # fixed heuristic config; fp32 or head_dim 128: smaller tiles (registers)
+            blk = 32 if (dim == 128 or q.dtype == torch.float32) else min(64, bucket)
             wrap_triton(_attn_bwd_kernel)[(triton.cdiv(rows, blk), n_seq * heads)](
                 *args, **meta, BLOCK=blk, num_warps=4, num_stages=1)
         return dq, dk, dv
