@@ -1,9 +1,9 @@
 """Triton attention on CPU through Triton's interpreter (TRITON_INTERPRET=1), against ref.
 
 Small odd shapes, forward and backward, padded and packed. The interpreter computes tl.dot
-exactly in fp32, so these tests cannot show TF32 or tensor-core rounding; the tolerances below
-are the ones tests/cuda uses as well:
+exactly in fp32, so these tests cannot show TF32 or tensor-core rounding. Tolerances:
 - fp32: atol = rtol = 2e-5 against ref in fp32 (IEEE dots unless TF32 is enabled in torch);
+  tests/cuda applies the rule below to fp32 as well, against a float64 reference, atol 2e-5;
 - bf16 / fp16: |triton - ref_fp32| <= 2 * |ref_lowp - ref_fp32| + atol, with atol 2e-2 (bf16)
   and 2e-3 (fp16), where ref_fp32 runs on the same low-precision inputs upcast to fp32 and
   ref_lowp is the same-precision PyTorch reference (the flash-attention test rule).
