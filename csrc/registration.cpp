@@ -190,17 +190,22 @@ PaddedIndex padded_index(const std::optional<at::Tensor>& mask, int64_t B, int64
   return idx;
 }
 
-// Runs fn(seq, workspace) over every (sequence, head) item in parallel.
+// Runs the kernel over every (sequence, head) item in parallel; each task walks its items in
+// order (heads of one sequence are adjacent in memory) and prefetches the next one's rows.
 template <typename MakeSeq>
 void attn_parallel(int64_t n_seq, int64_t H, int64_t max_len, int64_t D, bool backward,
                    const MakeSeq& make_seq, const cpu::AttnArgs& args) {
   const int64_t ws_floats = K().attention_workspace(max_len, D, backward);
   at::parallel_for(0, n_seq * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> ws(ws_floats);
+    cpu::AttnSeq seq = make_seq(begin / H, begin % H);
     for (int64_t w = begin; w < end; ++w) {
-      const cpu::AttnSeq seq = make_seq(w / H, w % H);
-      if (backward) K().attention_bwd(args, seq, ws.data());
-      else K().attention_fwd(args, seq, ws.data());
+      const bool last = w + 1 == end;
+      const cpu::AttnSeq next = last ? seq : make_seq((w + 1) / H, (w + 1) % H);
+      const cpu::AttnSeq* nx = last ? nullptr : &next;
+      if (backward) K().attention_bwd(args, seq, nx, ws.data());
+      else K().attention_fwd(args, seq, nx, ws.data());
+      seq = next;
     }
   });
 }

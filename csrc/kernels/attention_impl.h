@@ -40,6 +40,12 @@ constexpr int kNV = 4;  // vectors of B per micro-tile: 4x4 accumulators + 4 B +
 constexpr int kNV = 3;  // 4x3 + 3 + 1 = 16 ymm
 #endif
 
+#if defined(__GNUC__)
+#define SMARTER_FAST_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define SMARTER_FAST_ALWAYS_INLINE inline
+#endif
+
 inline int64_t round_up(int64_t x) { return (x + kV - 1) / kV * kV; }
 
 // C[r, 0:NV*kV] = alpha * sum_k A[r, k] * B[k, 0:NV*kV] for r < MR: MR x NV accumulators live in
@@ -142,11 +148,13 @@ inline void gather_rows(const AttnTensor& t, const Rows& rows, int64_t n, int64_
     const T* src = base + rows.row(t, i);
     float* d = dst + i * ld;
     if constexpr (std::is_same_v<T, float>) {
-      std::memcpy(d, src, sizeof(float) * D);
+      int64_t j = 0;
+      for (; j + kV <= D; j += kV) Vec::loadu(src + j).store(d + j);
+      if (j < D) Vec::loadu(src + j, int(D - j)).store(d + j);  // zero-fills to the vector end
     } else {
       for (int64_t j = 0; j < D; ++j) d[j] = to_f(src[j]);
+      for (int64_t j = D; j < ld; ++j) d[j] = 0.0f;
     }
-    for (int64_t j = D; j < ld; ++j) d[j] = 0.0f;
   }
 }
 
@@ -172,7 +180,9 @@ inline void scatter_rows(const AttnTensor& t, const Rows& rows, int64_t n, int64
     T* d = base + rows.row(t, i);
     const float* s = src + i * ld;
     if constexpr (std::is_same_v<T, float>) {
-      std::memcpy(d, s, sizeof(float) * D);
+      int64_t j = 0;
+      for (; j + kV <= D; j += kV) Vec::loadu(s + j).store(d + j);
+      if (j < D) Vec::loadu(s + j).store(d + j, int(D - j));
     } else {
       for (int64_t j = 0; j < D; ++j) d[j] = T(s[j]);
     }
@@ -197,6 +207,27 @@ inline void zero_rows(const AttnTensor& t, const Rows& rows, int64_t from, int64
   for (int64_t i = from; i < to; ++i) std::memset(base + rows.row(t, i), 0, sizeof(T) * D);
 }
 
+// Prefetches rows 0..n of t (the next work item's inputs and outputs) into L2 (a hint of low
+// temporal locality: into L1 they would evict this item's workspace): the rows of a
+// (sequence, head) are scattered (token stride H * D or 3 * H * D), so the hardware prefetcher
+// does not find them and the first touch would otherwise stall on every row. Measured on the
+// 2-core AVX-512 machine (B=32, L=64, D=32, one thread): forward 144 -> 102 us and backward
+// 302 -> 256 us per sequence.
+// Always inlined: as a function of its own, GCC 12 deems it pure (prefetches are not side
+// effects) and deletes the calls.
+template <typename T>
+SMARTER_FAST_ALWAYS_INLINE void prefetch_rows(const AttnTensor& t, const AttnSeq& s, int64_t n,
+                                              int64_t D) {
+  const Rows rows{s};
+  const char* base = static_cast<const char*>(t.data);
+  const int64_t bytes = D * int64_t(sizeof(T));
+  for (int64_t i = 0; i < n; ++i) {
+    const char* p = base + rows.row(t, i) * int64_t(sizeof(T));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+    __builtin_prefetch(p + bytes - 1, 0, 1);
+  }
+}
+
 inline int64_t workspace_floats(int64_t max_len, int64_t D, bool backward) {
   const int64_t n = std::max<int64_t>(max_len, 1), np = round_up(n), Dp = round_up(D);
   if (!backward) return 3 * n * Dp + D * np + n * np;  // Q, V, O; K^T; S
@@ -205,7 +236,7 @@ inline int64_t workspace_floats(int64_t max_len, int64_t D, bool backward) {
 }
 
 template <typename T>
-void forward(const AttnArgs& a, const AttnSeq& s, float* ws) {
+void forward(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* ws) {
   const Rows rows{s};
   const int64_t D = a.head_dim, n = s.n_real;
   float* lse = static_cast<float*>(a.lse.data);
@@ -221,6 +252,12 @@ void forward(const AttnArgs& a, const AttnSeq& s, float* ws) {
   gather_rows<T>(a.q, rows, n, D, Dp, Q);
   gather_rows<T>(a.v, rows, n, D, Dp, V);
   gather_cols<T>(a.k, rows, n, D, np, Kt);
+  if (next != nullptr) {  // overlap the next item's loads with this item's arithmetic
+    prefetch_rows<T>(a.q, *next, next->n_real, D);
+    prefetch_rows<T>(a.k, *next, next->n_real, D);
+    prefetch_rows<T>(a.v, *next, next->n_real, D);
+    prefetch_rows<T>(a.out, *next, next->n_real + next->n_pad, D);
+  }
   matmul(Q, Dp, Kt, np, S, np, n, np, D, a.scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) {
@@ -246,7 +283,7 @@ void forward(const AttnArgs& a, const AttnSeq& s, float* ws) {
 }
 
 template <typename T>
-void backward(const AttnArgs& a, const AttnSeq& s, float* ws) {
+void backward(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* ws) {
   const Rows rows{s};
   const int64_t D = a.head_dim, n = s.n_real;
   zero_rows<T>(a.grad_q, rows, n, n + s.n_pad, D);
@@ -289,6 +326,17 @@ void backward(const AttnArgs& a, const AttnSeq& s, float* ws) {
     L[i] = std::numeric_limits<float>::infinity();
     Dq[i] = 0.0f;
   }
+  if (next != nullptr) {  // overlap the next item's loads with this item's arithmetic
+    const int64_t m = next->n_real;
+    prefetch_rows<T>(a.q, *next, m, D);
+    prefetch_rows<T>(a.k, *next, m, D);
+    prefetch_rows<T>(a.v, *next, m, D);
+    prefetch_rows<T>(a.out, *next, m, D);
+    prefetch_rows<T>(a.grad_out, *next, m, D);
+    prefetch_rows<T>(a.grad_q, *next, m + next->n_pad, D);
+    prefetch_rows<T>(a.grad_k, *next, m + next->n_pad, D);
+    prefetch_rows<T>(a.grad_v, *next, m + next->n_pad, D);
+  }
   matmul(K, Dp, Qt, np, PT, np, n, np, D, a.scale);  // S^T
   matmul(V, Dp, dOt, np, dST, np, n, np, D, 1.0f);   // dP^T
   for (int64_t j = 0; j < n; ++j) {
@@ -308,14 +356,14 @@ void backward(const AttnArgs& a, const AttnSeq& s, float* ws) {
   scatter_rows<T>(a.grad_v, rows, n, D, Dp, dV);
 }
 
-inline void attention_fwd(const AttnArgs& a, const AttnSeq& s, float* ws) {
-  if (a.bf16) forward<c10::BFloat16>(a, s, ws);
-  else forward<float>(a, s, ws);
+inline void attention_fwd(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* ws) {
+  if (a.bf16) forward<c10::BFloat16>(a, s, next, ws);
+  else forward<float>(a, s, next, ws);
 }
 
-inline void attention_bwd(const AttnArgs& a, const AttnSeq& s, float* ws) {
-  if (a.bf16) backward<c10::BFloat16>(a, s, ws);
-  else backward<float>(a, s, ws);
+inline void attention_bwd(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* ws) {
+  if (a.bf16) backward<c10::BFloat16>(a, s, next, ws);
+  else backward<float>(a, s, next, ws);
 }
 
 }  // namespace attn

@@ -66,10 +66,13 @@ struct KernelTable {
                     int64_t end);
   // Attention over one (sequence, head) item with `workspace` of attention_workspace floats
   // (for the longest sequence of the call): forward writes out and lse; backward recomputes P
-  // from lse and writes grad_q, grad_k, grad_v. Padded rows come out zero.
+  // from lse and writes grad_q, grad_k, grad_v. Padded rows come out zero. `next` (or null) is
+  // the item the caller runs next: its rows are prefetched while this one computes.
   int64_t (*attention_workspace)(int64_t max_len, int64_t head_dim, bool backward);
-  void (*attention_fwd)(const AttnArgs& args, const AttnSeq& seq, float* workspace);
-  void (*attention_bwd)(const AttnArgs& args, const AttnSeq& seq, float* workspace);
+  void (*attention_fwd)(const AttnArgs& args, const AttnSeq& seq, const AttnSeq* next,
+                        float* workspace);
+  void (*attention_bwd)(const AttnArgs& args, const AttnSeq& seq, const AttnSeq* next,
+                        float* workspace);
 };
 
 // Each capability TU defines its table in namespace smarter_fast::cpu::<CAPABILITY>.
