@@ -45,6 +45,8 @@ log = logging.getLogger("smarter_fast")
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.json")
 STATE_VERSION = 1
+REPORT_LR = 1e-5  # the report's best recipe
+DEMO_LR = 1e-4  # the demo data gets ~800 steps: at 1e-5 the fresh heads barely move
 
 
 class UsageError(Exception):
@@ -113,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
                    help="training batch size (per process)")
     t.add_argument("--eval-batch-size", type=_positive_int("--eval-batch-size"), default=64)
-    t.add_argument("--lr", type=_float("--lr", 0.0, low_open=True), default=1e-5)
+    t.add_argument("--lr", type=_float("--lr", 0.0, low_open=True), default=None,
+                   help=f"learning rate (default: {REPORT_LR:g}, the report's recipe; "
+                        f"{DEMO_LR:g} on the SYNTHETIC demo data, which must train in minutes)")
     t.add_argument("--weight-decay", type=_float("--weight-decay", 0.0), default=0.0)
     t.add_argument("--schedule", choices=SCHEDULES, default="split1",
                    help="baseline: all data every epoch; split1: Quora in N parts, one per epoch; "
@@ -365,6 +369,11 @@ def run(args) -> int:
     else:
         ck_desc = _checkpoint_desc(args.pretrained)
     print(f"data: {data_desc} | checkpoint: {ck_desc}", flush=True)
+    if args.lr is None:
+        args.lr = DEMO_LR if synthetic else REPORT_LR
+        if synthetic:
+            print(f"SYNTHETIC demo recipe: --lr {DEMO_LR:g} (the report's {REPORT_LR:g} needs more "
+                  f"steps than the demo has; pass --lr to choose)", flush=True)
     if args.resume and resume_dir is None:
         print(f"--resume: no checkpoint in {out_dir / 'checkpoints' / 'last'}; starting afresh", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -428,7 +437,7 @@ def run(args) -> int:
     atomic_write_json(out_dir / "args.json", {**vars(args), "data_dir": str(data_dir),
                                               "synthetic_data": synthetic, "split_parts_resolved": parts})
     print(f"setup {time.perf_counter() - t_setup:.1f}s; device {device}, precision {args.precision}, "
-          f"backend {args.backend}, smart {args.smart}"
+          f"backend {args.backend}, lr {args.lr:g}, smart {args.smart}"
           + (f" (sigma {args.smart_sigma}, lambda {args.smart_lambda})" if args.smart != "off" else "")
           + f"; writing to {out_dir}", flush=True)
 
