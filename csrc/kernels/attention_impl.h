@@ -171,6 +171,15 @@ inline void gather_cols(const AttnTensor& t, const Rows& rows, int64_t n, int64_
     for (int64_t i = n; i < ld; ++i) dst[j * ld + i] = 0.0f;
 }
 
+// dst (D x ld_dst) <- transpose of src (n x ld_src, first D columns); columns n..ld_dst zero.
+inline void transpose(const float* src, int64_t ld_src, int64_t n, int64_t D, int64_t ld_dst,
+                      float* dst) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < D; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  for (int64_t j = 0; j < D; ++j)
+    for (int64_t i = n; i < ld_dst; ++i) dst[j * ld_dst + i] = 0.0f;
+}
+
 // rows 0..n of t <- src (n x ld), first D columns.
 template <typename T>
 inline void scatter_rows(const AttnTensor& t, const Rows& rows, int64_t n, int64_t D, int64_t ld,
@@ -309,9 +318,9 @@ void backward(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* w
   gather_rows<T>(a.k, rows, n, D, Dp, K);
   gather_rows<T>(a.v, rows, n, D, Dp, V);
   gather_rows<T>(a.grad_out, rows, n, D, Dp, dO);
-  gather_cols<T>(a.q, rows, n, D, np, Qt);
-  gather_cols<T>(a.k, rows, n, D, np, Kt);
-  gather_cols<T>(a.grad_out, rows, n, D, np, dOt);
+  transpose(Q, Dp, n, D, np, Qt);  // from the L1-resident copies, not the tensors again
+  transpose(K, Dp, n, D, np, Kt);
+  transpose(dO, Dp, n, D, np, dOt);
   const float* lse = static_cast<const float*>(a.lse.data);
   const T* out = static_cast<const T*>(a.out.data);
   for (int64_t i = 0; i < n; ++i) {

@@ -305,3 +305,20 @@ def test_cpp_lse_is_the_log_sum_exp(skip_unless_cpp):
     s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
     want = torch.logsumexp(s, -1) * mask[:, None, :]
     torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_non_contiguous_head_dim_and_grad(skip_unless_cpp):
+    """Inputs whose last dimension is strided are copied; any grad_out layout works."""
+    skip_unless_cpp("attention")
+    torch.manual_seed(10)
+    B, H, L, D = 2, 3, 10, 24
+    k, v = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(2)]
+    q_strided = torch.randn(B, H, L, D, 2)[..., 1].requires_grad_()  # stride 2 along D
+    mask = _right_padded_mask([10, 6], L)
+    out = ops.attention(q_strided, k, v, mask, backend="cpp")
+    g = torch.randn(B, L, H, D).transpose(1, 2)  # a non-contiguous gradient
+    grads = _grads(out, (q_strided, k, v), g)
+    want, want_grads = _ref64(q_strided, k, v, mask, g)
+    _assert_close64(out, want)
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, want_g)
