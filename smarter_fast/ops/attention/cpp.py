@@ -14,7 +14,11 @@ is kept for the backward, which recomputes P.
 - packed: `attention_varlen_fwd(q, k, v, cu_seqlens, max_seqlen)` with (T, H, D) tokens.
 
 fp32 and bf16 inputs (bf16 accumulates in fp32; lse is always fp32); dropout is not supported
-(the backend's check reports it, so automatic dispatch falls back to ref).
+(the backend's check reports it, so automatic dispatch falls back to ref). No float64 kernel.
+
+Measured (2-core AVX-512 EPYC, one thread, CPU time, forward+backward, ~30% padding, B=32,
+H=12): 1.6-1.8x torch's scaled_dot_product_attention with a boolean mask at L=32/64/128,
+D=32 and L=64, D=64.
 """
 
 import torch
