@@ -1,0 +1,211 @@
+"""Helpers shared by the benchmark modules (`pytest benchmarks/ --benchmark-only`).
+
+Conventions, so that `to_markdown.py` can build one table from the JSON:
+- `benchmark.group` names the op and shape (`attention-fwdbwd-L64-D32`, `adamw-minilm`, ...),
+  with `-cuda` appended for the CUDA variants;
+- `benchmark.name` is the provider (`ref`, `cpp`, `triton`, `sdpa`, `torch-fused`, `hf`, ...);
+- `benchmark.extra_info["baseline"]` names the peer of the group that ratios are taken against.
+
+Our backends come from `smarter_fast.ops.OPS[op].ordered()`; a backend that cannot run the inputs
+(`not_supported_reasons` non-empty: not built yet, no CUDA, ...) is skipped with its reasons.
+Every timed function on CUDA ends with `torch.cuda.synchronize()`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "cs224n"
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def group_name(base: str, device: str, suffix: str = "") -> str:
+    """`attention-fwd-L64-D32` on CPU, `attention-fwd-L64-D32-cuda[-bf16]` on CUDA."""
+    name = base if device == "cpu" else f"{base}-{device}"
+    return f"{name}-{suffix}" if suffix else name
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def synced(fn, device):
+    """fn wrapped so that CUDA work finishes inside the timed call."""
+    if torch.device(device).type != "cuda":
+        return fn
+
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def our_backends(op_name: str) -> list[str]:
+    """Names of our backends of `op_name`, in priority order (for parametrize)."""
+    from smarter_fast.ops import OPS
+
+    return [b.name for b in OPS[op_name].ordered()]
+
+
+def backend_or_skip(op_name: str, name: str, tensors, **options):
+    """The Backend record, or pytest.skip with the reasons it cannot run these inputs."""
+    from smarter_fast.ops import OPS
+    from smarter_fast.ops.registry import triton_interpret
+
+    backend = OPS[op_name].backends[name]
+    reasons = backend.not_supported_reasons(tuple(tensors), **options)
+    if reasons:
+        pytest.skip(f"{op_name} {name}: {'; '.join(reasons)}")
+    if name == "triton" and triton_interpret() and all(t.device.type == "cpu" for t in tensors):
+        pytest.skip(f"{op_name} triton: TRITON_INTERPRET=1 runs Triton on CPU for correctness, "
+                    f"not speed")
+    return backend
+
+
+def label(benchmark, group: str, provider: str, baseline: str | None = None, **extra) -> None:
+    """Sets the group, the provider as the benchmark's name, and extra_info."""
+    benchmark.group = group
+    benchmark.name = provider
+    benchmark.extra_info["provider"] = provider
+    if baseline is not None:
+        benchmark.extra_info["baseline"] = baseline
+    benchmark.extra_info.update(extra)
+
+
+def mean_seconds(benchmark) -> float | None:
+    """Mean of the last run of this fixture (None when benchmarks are skipped or disabled)."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:
+        return None
+    inner = getattr(stats, "stats", stats)
+    return getattr(inner, "mean", None)
+
+
+def time_copy(device: str, n: int, repeats: int = 15) -> float:
+    """Copy bandwidth in GB/s: median time of `dst.copy_(src)` on n fp32 elements, 2 * n * 4
+    bytes moved per copy."""
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+
+def cs224n_dir() -> tuple[Path, bool]:
+    """(directory, is_real): ../shared/data/cs224n, or a generated stand-in where it is absent."""
+    if (SHARED_DATA / "ids-sst-train.csv").is_file():
+        return SHARED_DATA, True
+    from smarter_fast.data.demo import write_demo_data
+
+    cache = Path(os.environ.get("SMARTER_FAST_CACHE_DIR", Path.home() / ".cache" / "smarter_fast"))
+    return write_demo_data(cache / "bench-demo-data"), False
+
+
+
+def make_batches(ids, labels, n_batches: int, batch_size: int = 8, bucketed: bool = True,
+                 seed: int = 0) -> list[dict]:
+    """`n_batches` padded batches over the first n_batches * batch_size examples: length-bucketed
+    (one pool, sorted by length, batch order shuffled) or plain random batches. Both kinds cover
+    exactly the same examples, so their step times compare the same work."""
+    from smarter_fast.data import LengthBucketSampler, pad_batch, random_batch_sampler
+
+    n = n_batches * batch_size
+    ids, labels = ids[:n], labels[:n]
+    if bucketed:
+        sampler = LengthBucketSampler([len(x) for x in ids], batch_size, pool_batches=n_batches,
+                                      seed=seed)
+    else:
+        sampler = random_batch_sampler(n, batch_size, seed=seed)
+    return [pad_batch([ids[i] for i in b], None, [labels[i] for i in b]) for b in sampler.batches()]
+
+
+
+def padding_share(batches) -> float:
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    total = sum(b["attention_mask"].numel() for b in batches)
+    return 1.0 - real / total
+
+
+
+class Cycle:
+    """Hands out the batches in turn (moved to `device`), for benchmark.pedantic's setup."""
+
+    def __init__(self, batches, device):
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        self.i = 0
+
+    def __call__(self):
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return (b,), {}
+
+
+# ---- training steps (as in smarter_fast.train.train_epoch) -------------------------------------
+
+def our_model_and_optimizer(backend: str, device, lr: float = 1e-5):
+    """MultitaskBert from the embedded MiniLM checkpoint in train mode, with
+    smarter_fast.optim.AdamW (flat buffers) on the same backend."""
+    from smarter_fast.model import MultitaskBert
+    from smarter_fast.optim import AdamW
+
+    torch.manual_seed(0)
+    model = MultitaskBert.from_pretrained(backend=backend).to(device).train()
+    opt = AdamW(model.parameters(), lr=lr, backend=backend)
+    return model, opt
+
+
+def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = False,
+                bf16: bool = False):
+    """One SST training step of our model: forward, loss, backward, optimizer step, zero_grad
+    (set_to_none, as the trainer does). smart = {"sigma", "lambda", "backend"} adds the simple
+    SMART term (smarter_fast.smart.smart_simple_loss), seeded per step; bf16 runs the forward
+    under torch.autocast(bfloat16) with fp32 weights and optimizer state (`--precision bf16`)."""
+    from smarter_fast.data import to_packed
+    from smarter_fast.losses import task_loss
+    from smarter_fast.smart import smart_simple_loss, step_seed, task_forward
+
+    state = {"step": 0}
+
+    def step(batch):
+        state["step"] += 1
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                            enabled=bf16):
+            loss = _loss(batch, state["step"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    def _loss(batch, n):
+        if smart is not None:
+            loss, *_ = smart_simple_loss(model, "sst", batch, smart["sigma"], smart["lambda"],
+                                         step_seed(0, n), backend=smart["backend"])
+        elif packed:
+            p = to_packed(batch)
+            out = model.forward_packed("sentiment", p["input_ids"], p["cu_seqlens"],
+                                       p["max_seqlen"], p["token_type_ids"], p["position_ids"])
+            loss = task_loss("sst", out, batch["labels"])
+        else:
+            loss = task_loss("sst", task_forward(model, "sst", batch), batch["labels"])
+        return loss
+
+    return step
