@@ -194,14 +194,19 @@ def read_predictions(path) -> dict[str, str]:
 
 
 def write_evaluation(model, tokenizer, data_dir, out_dir, batch_size: int = 64, device="cpu",
-                     autocast_dtype=None, dev: dict | None = None, title_suffix: str = "") -> dict:
+                     autocast_dtype=None, dev: dict | None = None, title_suffix: str = "",
+                     dev_result: tuple | None = None) -> dict:
     """Dev metrics + prediction files for every dev and test-student split present in data_dir,
-    the SST confusion matrix as JSON and PNG, and dev_metrics.json in out_dir. Returns the metrics."""
+    the SST confusion matrix as JSON and PNG, and dev_metrics.json in out_dir. Returns the metrics.
+    `dev_result` = (metrics, predictions) from evaluate_dev on this model skips the dev pass."""
     out_dir = Path(out_dir)
     pred_dir = out_dir / "predictions"
     if dev is None:
         dev = encode_split(load_cs224n(data_dir, "dev"), tokenizer)
-    metrics, preds = evaluate_dev(model, dev, batch_size, device, autocast_dtype)
+    if dev_result is not None:  # (metrics, predictions) already computed for this very model
+        metrics, preds = dev_result
+    else:
+        metrics, preds = evaluate_dev(model, dev, batch_size, device, autocast_dtype)
     for t in TASKS:
         write_predictions(pred_dir, t, "dev", dev[t].example_ids, preds[t])
     test = encode_split(load_cs224n(data_dir, "test"), tokenizer)

@@ -447,12 +447,13 @@ def run(args) -> int:
 
     autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
     ck_dir = out_dir / "checkpoints"
+    best_in_memory = None  # (epoch, dev result) while the model in memory is the best one
     for epoch in range(start_epoch, args.epochs):
         label = f"{epoch + 1}/{args.epochs}"
         stats, global_step = train_epoch(model, optimizer, schedule, train_data, epoch, args,
                                          device, global_step, label, synthetic)
         t_eval = time.perf_counter()
-        metrics, _ = evaluate_dev(model, dev_data, args.eval_batch_size, device, autocast_dtype)
+        metrics, dev_preds = evaluate_dev(model, dev_data, args.eval_batch_size, device, autocast_dtype)
         eval_seconds = time.perf_counter() - t_eval
         is_best = metrics["mean_score"] > best["mean_score"]
         if is_best:
@@ -469,6 +470,7 @@ def run(args) -> int:
         last = save_training_checkpoint(ck_dir / "last", model, optimizer, state)
         if is_best:
             copy_checkpoint(last, ck_dir / "best")
+            best_in_memory = (epoch + 1, (metrics, dev_preds))
         plot_learning_curves(read_metrics(metrics_path), out_dir / "plots", tag)
         losses = "  ".join(f"{t} {stats[f'train_loss_{t}']:.3f}" for t in TASK_ORDER
                            if stats[f"train_loss_{t}"] is not None)
@@ -482,9 +484,13 @@ def run(args) -> int:
     best_dir = ck_dir / "best"
     if not (best_dir / "model.safetensors").is_file():
         raise UsageError(f"no best checkpoint in {best_dir}")
-    best_model = MultitaskBert.from_pretrained(best_dir, backend=args.backend).to(device)
+    if best_in_memory is not None and best_in_memory[0] == args.epochs:  # the last epoch was best
+        best_model, dev_result = model, best_in_memory[1]
+    else:
+        best_model = MultitaskBert.from_pretrained(best_dir, backend=args.backend).to(device)
+        dev_result = None
     final = write_evaluation(best_model, tokenizer, data_dir, out_dir, args.eval_batch_size, device,
-                             autocast_dtype, dev=dev_data, title_suffix=tag)
+                             autocast_dtype, dev=dev_data, title_suffix=tag, dev_result=dev_result)
     print(f"best epoch {best['epoch']}{tag}: {format_metrics(final)}  sst_macro_f1 "
           f"{final['sst_macro_f1']:.3f}", flush=True)
     print(f"outputs: {metrics_path}, {best_dir}, {out_dir / 'predictions'}, {out_dir / 'plots'}", flush=True)
