@@ -216,6 +216,16 @@ at::Tensor attn_empty_padded(const at::Tensor& q) {
       .permute({0, 2, 1, 3});
 }
 
+// Attention dropout: inverted dropout on the probabilities with a mask that is never stored,
+// regenerated from (seed, sequence, head, query, key) by Philox (kernel_table.h, AttnArgs).
+void attn_set_dropout(cpu::AttnArgs& a, double p, int64_t seed, const char* op) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": dropout_p must be in [0, 1], got ", p);
+  a.dropout = p > 0.0;
+  a.dropout_threshold = uint32_t(std::min(16777216.0, std::nearbyint(p * 16777216.0)));
+  a.dropout_scale = p < 1.0 ? float(1.0 / (1.0 - p)) : 0.0f;
+  a.seed = uint64_t(seed);
+}
+
 cpu::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse) {
   cpu::AttnArgs a{};
@@ -232,7 +242,8 @@ cpu::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_, const at::Tensor& k_,
                                                      const at::Tensor& v_,
-                                                     const std::optional<at::Tensor>& mask) {
+                                                     const std::optional<at::Tensor>& mask,
+                                                     double dropout_p, int64_t seed) {
   const char* op = "attention_fwd";
   check_attn_inputs(q_, k_, v_, 4, op);
   const at::Tensor q = attn_rows_contiguous(q_), k = attn_rows_contiguous(k_),
@@ -245,7 +256,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_, const
     lse.zero_();
     return {out, lse};
   }
-  const cpu::AttnArgs args = attn_args(q, k, v, out, lse);
+  cpu::AttnArgs args = attn_args(q, k, v, out, lse);
+  attn_set_dropout(args, dropout_p, seed, op);
   attn_parallel(B, H, idx.max_len, D, false, [&](int64_t b, int64_t h) {
     return cpu::AttnSeq{b, h, idx.tokens.data() + b * L, 0, idx.counts[b], L - idx.counts[b]};
   }, args);
@@ -254,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_, const
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const std::optional<at::Tensor>& mask, const at::Tensor& out_, const at::Tensor& lse) {
+    const std::optional<at::Tensor>& mask, const at::Tensor& out_, const at::Tensor& lse,
+    double dropout_p, int64_t seed) {
   const char* op = "attention_bwd";
   check_attn_inputs(q_, k_, v_, 4, op);
   check_attn_like(grad_, q_, op, "grad_out");
@@ -274,6 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   args.grad_q = attn_view(dq);
   args.grad_k = attn_view(dk);
   args.grad_v = attn_view(dv);
+  attn_set_dropout(args, dropout_p, seed, op);
   attn_parallel(B, H, idx.max_len, D, true, [&](int64_t b, int64_t h) {
     return cpu::AttnSeq{b, h, idx.tokens.data() + b * L, 0, idx.counts[b], L - idx.counts[b]};
   }, args);
@@ -307,7 +321,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q_
                                                             const at::Tensor& k_,
                                                             const at::Tensor& v_,
                                                             const at::Tensor& cu_seqlens,
-                                                            int64_t max_seqlen) {
+                                                            int64_t max_seqlen,
+                                                            double dropout_p, int64_t seed) {
   const char* op = "attention_varlen_fwd";
   (void)max_seqlen;
   check_attn_inputs(q_, k_, v_, 3, op);
@@ -319,7 +334,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q_
   at::Tensor out = at::empty({T, H, D}, q.options());
   at::Tensor lse = at::empty({T, H}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.zero_()};
-  const cpu::AttnArgs args = attn_args(q, k, v, out, lse);
+  cpu::AttnArgs args = attn_args(q, k, v, out, lse);
+  attn_set_dropout(args, dropout_p, seed, op);
   attn_parallel(int64_t(cu.size()) - 1, H, max_len, D, false, [&](int64_t b, int64_t h) {
     return cpu::AttnSeq{b, h, nullptr, cu[b], cu[b + 1] - cu[b], 0};
   }, args);
@@ -329,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     const at::Tensor& grad_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& cu_seqlens, int64_t max_seqlen, const at::Tensor& out_,
-    const at::Tensor& lse) {
+    const at::Tensor& lse, double dropout_p, int64_t seed) {
   const char* op = "attention_varlen_bwd";
   (void)max_seqlen;
   check_attn_inputs(q_, k_, v_, 3, op);
@@ -352,10 +368,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   args.grad_q = attn_view(dq);
   args.grad_k = attn_view(dk);
   args.grad_v = attn_view(dv);
+  attn_set_dropout(args, dropout_p, seed, op);
   attn_parallel(int64_t(cu.size()) - 1, H, max_len, D, true, [&](int64_t b, int64_t h) {
     return cpu::AttnSeq{b, h, nullptr, cu[b], cu[b + 1] - cu[b], 0};
   }, args);
   return {dq, dk, dv};
+}
+
+// For tests: the dropout multipliers (keep / (1 - p), or 0) the kernels use, (n_seq, H, L, L)
+// with [b, h, i, j] for query i and key j (ranks among the real tokens of sequence b).
+at::Tensor attention_dropout_mask_cpu(int64_t n_seq, int64_t heads, int64_t length,
+                                      double dropout_p, int64_t seed) {
+  const char* op = "attention_dropout_mask";
+  TORCH_CHECK(n_seq >= 0 && heads >= 0 && length >= 0, op, ": sizes must be >= 0");
+  cpu::AttnArgs args{};
+  attn_set_dropout(args, dropout_p, seed, op);
+  at::Tensor mult = at::empty({n_seq, heads, length, length}, at::kFloat);
+  float* m = mult.data_ptr<float>();
+  std::vector<float> row(K().attention_mask_floats(length));
+  for (int64_t b = 0; b < n_seq; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < length; ++i) {
+        const cpu::AttnSeq seq{b, h, nullptr, 0, length, 0};
+        K().attention_dropout_mask(args, seq, i, length, row.data());
+        std::copy(row.begin(), row.begin() + length, m + ((b * heads + h) * length + i) * length);
+      }
+  return mult;
 }
 
 std::string kernel_variant() { return K().name; }
@@ -372,16 +410,24 @@ TORCH_LIBRARY(smarter_fast, m) {
       "bool correct_bias) -> ()");
   // Attention (smarter_fast/ops/attention/cpp.py): out and the log-sum-exp per query (fp32);
   // padded rows of out are zero. The mask may be any (B, L) pattern, nonzero = real token.
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attention_mask) -> (Tensor, Tensor)");
+  // dropout_p > 0: inverted dropout on the probabilities, the mask regenerated from `seed` (the
+  // backward must get the forward's dropout_p and seed).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attention_mask, "
+      "float dropout_p=0., int seed=0) -> (Tensor, Tensor)");
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? attention_mask, "
-      "Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
+      "Tensor out, Tensor lse, float dropout_p=0., int seed=0) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen) "
-      "-> (Tensor, Tensor)");
+      "attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, "
+      "float dropout_p=0., int seed=0) -> (Tensor, Tensor)");
   m.def(
       "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, "
-      "int max_seqlen, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)");
+      "int max_seqlen, Tensor out, Tensor lse, float dropout_p=0., int seed=0) "
+      "-> (Tensor, Tensor, Tensor)");
+  // For tests: the kernels' dropout multipliers (n_seq, heads, length, length).
+  m.def("attention_dropout_mask(int n_seq, int heads, int length, float dropout_p, int seed) "
+        "-> Tensor", &attention_dropout_mask_cpu);
   // Which vectorised variant (DEFAULT, AVX2, AVX512) the CPU kernels run.
   m.def("kernel_variant() -> str", &kernel_variant);
 }

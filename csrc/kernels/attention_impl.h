@@ -11,6 +11,10 @@
 //   forward : S = scale Q K^T, P = softmax(S), O = P V, lse = rowwise log-sum-exp of S
 //   backward: D_i = dO_i . O_i, dP = dO V^T, dS = P * (dP - D), dQ = scale dS K,
 //             dK = scale dS^T Q, dV = P^T dO
+// With dropout (inverted, on the probabilities; M = keep / (1 - p), regenerated from the seed):
+//   forward : P' = P * M, O = P' V (lse stays that of the undropped softmax)
+//   backward: dV = P'^T dO, dP' = dO V^T, dP = dP' * M, dS = P * (dP - D), D_i = dO_i . O_i
+//   still: sum_j P_ij dP_ij = sum_j P_ij M_ij (dO_i . V_j) = dO_i . sum_j P'_ij V_j = dO_i . O_i.
 // The backward works on transposed tiles (S^T = K Q^T), so dK and dV are plain row products
 // and dQ^T = scale K^T dS^T: no n x n transposes. Rows of padded tokens (tokens n..n+n_pad
 // of the item) are written as zeros in every output, and their lse as 0.
@@ -24,6 +28,10 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "kernel_table.h"
 
@@ -237,11 +245,138 @@ SMARTER_FAST_ALWAYS_INLINE void prefetch_rows(const AttnTensor& t, const AttnSeq
   }
 }
 
+// ---- dropout mask: Philox4x32-10, keyed by (seed, sequence, head, query row, key column) ----
+// Keys come in chunks of 64: key j = 64 t + 16 w + l (lane l < 16, word w < 4) takes word w of
+// Philox(key = seed, counter = (16 t + l, row, head, seq)); it is kept when that word's top 24
+// bits are >= threshold (= round(p * 2^24)), and then weighs `scale` = 1 / (1 - p), else 0.
+// So 16 consecutive keys are one word of 16 counters: one AVX-512 register (two AVX2 ones), no
+// shuffles. The same stream as Triton's tl.philox in smarter_fast/ops/attention/triton.py and
+// ref.dropout_keep_mask (PyTorch).
+constexpr int64_t kMaskChunk = 64;  // keys per 16 counters
+
+inline int64_t mask_floats(int64_t n) {
+  return (std::max<int64_t>(n, 1) + kMaskChunk - 1) / kMaskChunk * kMaskChunk;
+}
+
+constexpr uint32_t kPhiloxA = 0xD2511F53u, kPhiloxB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// hi and lo 32 bits of the 32 x 32 products x * a, lane by lane.
+SMARTER_FAST_ALWAYS_INLINE void mulhilo(__m512i x, __m512i a, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(x, a);                       // lanes 0, 2, ...
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), a);  // lanes 1, 3, ...
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// mult[0..64) for keys 64 t .. 64 t + 64.
+inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head, uint32_t seq,
+                         uint32_t threshold, float scale, float* mult) {
+  const __m512i A = _mm512_set1_epi32(int(kPhiloxA)), B = _mm512_set1_epi32(int(kPhiloxB));
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(16 * t)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                  14, 15));
+  __m512i c1 = _mm512_set1_epi32(int(row)), c2 = _mm512_set1_epi32(int(head)),
+          c3 = _mm512_set1_epi32(int(seq));
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    __m512i hi0, lo0, hi1, lo1;
+    mulhilo(c0, A, hi0, lo0);
+    mulhilo(c2, B, hi1, lo1);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(int(k0)));
+    c1 = lo1;
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(int(k1)));
+    c3 = lo0;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const __m512i thr = _mm512_set1_epi32(int(threshold));
+  const __m512 sc = _mm512_set1_ps(scale);
+  const __m512i words[4] = {c0, c1, c2, c3};
+  for (int w = 0; w < 4; ++w) {
+    const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(words[w], 8), thr);
+    _mm512_storeu_ps(mult + 16 * w, _mm512_maskz_mov_ps(keep, sc));
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+SMARTER_FAST_ALWAYS_INLINE void mulhilo(__m256i x, __m256i a, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(x, a);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), a);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head, uint32_t seq,
+                         uint32_t threshold, float scale, float* mult) {
+  const __m256i A = _mm256_set1_epi32(int(kPhiloxA)), B = _mm256_set1_epi32(int(kPhiloxB));
+  // thr - 1 >= -1 and (x >> 8) < 2^24: a signed compare is exact
+  const __m256i thr_m1 = _mm256_set1_epi32(int(threshold) - 1);
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int half = 0; half < 2; ++half) {  // lanes 0..7, then 8..15
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(16 * t + 8 * half)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c1 = _mm256_set1_epi32(int(row)), c2 = _mm256_set1_epi32(int(head)),
+            c3 = _mm256_set1_epi32(int(seq));
+    uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo(c0, A, hi0, lo0);
+      mulhilo(c2, B, hi1, lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(int(k0)));
+      c1 = lo1;
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
+      c3 = lo0;
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    const __m256i words[4] = {c0, c1, c2, c3};
+    for (int w = 0; w < 4; ++w) {
+      const __m256i keep = _mm256_cmpgt_epi32(_mm256_srli_epi32(words[w], 8), thr_m1);
+      _mm256_storeu_ps(mult + 16 * w + 8 * half, _mm256_and_ps(_mm256_castsi256_ps(keep), sc));
+    }
+  }
+}
+#else
+inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head, uint32_t seq,
+                         uint32_t threshold, float scale, float* mult) {
+  for (uint32_t l = 0; l < 16; ++l) {
+    uint32_t c[4] = {16 * t + l, row, head, seq};
+    uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = uint64_t(kPhiloxA) * c[0];
+      const uint64_t p1 = uint64_t(kPhiloxB) * c[2];
+      c[0] = uint32_t(p1 >> 32) ^ c[1] ^ k0;
+      c[1] = uint32_t(p1);
+      c[2] = uint32_t(p0 >> 32) ^ c[3] ^ k1;
+      c[3] = uint32_t(p0);
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    for (int w = 0; w < 4; ++w) mult[16 * w + l] = (c[w] >> 8) >= threshold ? scale : 0.0f;
+  }
+}
+#endif
+
+// mult[0 .. mask_floats(n)) for query `row`: entries past n are written too (meaningless).
+inline void dropout_row(uint64_t seed, uint32_t seq, uint32_t head, uint32_t row, int64_t n,
+                        uint32_t threshold, float scale, float* mult) {
+  for (int64_t j0 = 0; j0 < n; j0 += kMaskChunk)
+    philox_chunk(seed, uint32_t(j0 / kMaskChunk), row, head, seq, threshold, scale, mult + j0);
+}
+
+inline void dropout_mask(const AttnArgs& a, const AttnSeq& s, int64_t row, int64_t n,
+                         float* mult) {
+  dropout_row(a.seed, uint32_t(s.batch), uint32_t(s.head), uint32_t(row), n,
+              a.dropout_threshold, a.dropout_scale, mult);
+}
+
 inline int64_t workspace_floats(int64_t max_len, int64_t D, bool backward) {
   const int64_t n = std::max<int64_t>(max_len, 1), np = round_up(n), Dp = round_up(D);
-  if (!backward) return 3 * n * Dp + D * np + n * np;  // Q, V, O; K^T; S
-  // Q, K, V, dO, dK, dV; Q^T, K^T, dO^T, dQ^T; S^T, dP^T; lse, D
-  return 6 * n * Dp + 4 * D * np + 2 * n * np + 2 * np;
+  // Q, V, O; K^T; S; one row of dropout multipliers
+  if (!backward) return 3 * n * Dp + D * np + n * np + mask_floats(n);
+  // Q, K, V, dO, dK, dV; Q^T, K^T, dO^T, dQ^T; S^T, dP^T; lse, D; M^T, one row of M
+  return 6 * n * Dp + 4 * D * np + 2 * n * np + 2 * np + n * np + mask_floats(n);
 }
 
 template <typename T>
@@ -258,6 +393,7 @@ void forward(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* ws
   float* O = V + n * Dp;    // n x Dp
   float* Kt = O + n * Dp;   // D x np
   float* S = Kt + D * np;   // n x np: scores, then probabilities
+  float* M = S + n * np;    // mask_floats(n): dropout multipliers of one query row
   gather_rows<T>(a.q, rows, n, D, Dp, Q);
   gather_rows<T>(a.v, rows, n, D, Dp, V);
   gather_cols<T>(a.k, rows, n, D, np, Kt);
@@ -284,7 +420,13 @@ void forward(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* ws
     }
     const float sum = hsum(vsum);  // >= 1: the max term is exp(0)
     const Vec inv(1.0f / sum);
-    for (int64_t j = 0; j < np; j += kV) (Vec::loadu(si + j) * inv).store(si + j);
+    if (a.dropout) {  // P' = P * M; keys n..np hold P = 0 (M there is scratch, finite)
+      dropout_mask(a, s, i, n, M);
+      for (int64_t j = 0; j < np; j += kV)
+        (Vec::loadu(si + j) * inv * Vec::loadu(M + j)).store(si + j);
+    } else {
+      for (int64_t j = 0; j < np; j += kV) (Vec::loadu(si + j) * inv).store(si + j);
+    }
     lse[rows.row(a.lse, i)] = m + std::log(sum);
   }
   matmul(S, np, V, Dp, O, Dp, n, Dp, n, 1.0f);
@@ -314,6 +456,8 @@ void backward(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* w
   float* dST = PT + n * np;   // n x np: dP^T, then dS^T
   float* L = dST + n * np;    // np: lse per query (+inf past the end, so P^T is 0 there)
   float* Dq = L + np;         // np: rowsum(dO * O) per query (0 past the end)
+  float* MT = Dq + np;        // n x np: dropout multipliers, transposed (row j = key)
+  float* Mrow = MT + n * np;  // mask_floats(n): one query row of them
   gather_rows<T>(a.q, rows, n, D, Dp, Q);
   gather_rows<T>(a.k, rows, n, D, Dp, K);
   gather_rows<T>(a.v, rows, n, D, Dp, V);
@@ -347,17 +491,37 @@ void backward(const AttnArgs& a, const AttnSeq& s, const AttnSeq* next, float* w
     prefetch_rows<T>(a.grad_v, *next, m + next->n_pad, D);
   }
   matmul(K, Dp, Qt, np, PT, np, n, np, D, a.scale);  // S^T
-  matmul(V, Dp, dOt, np, dST, np, n, np, D, 1.0f);   // dP^T
-  for (int64_t j = 0; j < n; ++j) {
-    float* p = PT + j * np;
-    float* ds = dST + j * np;
-    for (int64_t i = 0; i < np; i += kV) {
-      const Vec pv = (Vec::loadu(p + i) - Vec::loadu(L + i)).exp_u20();
-      pv.store(p + i);
-      (pv * (Vec::loadu(ds + i) - Vec::loadu(Dq + i))).store(ds + i);
+  matmul(V, Dp, dOt, np, dST, np, n, np, D, 1.0f);   // dP^T (dP'^T with dropout)
+  if (a.dropout) {
+    for (int64_t i = 0; i < n; ++i) {  // the forward's mask, row by row, stored transposed
+      dropout_mask(a, s, i, n, Mrow);
+      for (int64_t j = 0; j < n; ++j) MT[j * np + i] = Mrow[j];
+    }
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = n; i < np; ++i) MT[j * np + i] = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      float* p = PT + j * np;
+      float* ds = dST + j * np;
+      const float* mt = MT + j * np;
+      for (int64_t i = 0; i < np; i += kV) {
+        const Vec pv = (Vec::loadu(p + i) - Vec::loadu(L + i)).exp_u20();
+        const Vec m = Vec::loadu(mt + i);
+        (pv * m).store(p + i);  // P'^T, for dV
+        (pv * (Vec::loadu(ds + i) * m - Vec::loadu(Dq + i))).store(ds + i);
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      float* p = PT + j * np;
+      float* ds = dST + j * np;
+      for (int64_t i = 0; i < np; i += kV) {
+        const Vec pv = (Vec::loadu(p + i) - Vec::loadu(L + i)).exp_u20();
+        pv.store(p + i);
+        (pv * (Vec::loadu(ds + i) - Vec::loadu(Dq + i))).store(ds + i);
+      }
     }
   }
-  matmul(PT, np, dO, Dp, dV, Dp, n, Dp, n, 1.0f);      // dV = P^T dO
+  matmul(PT, np, dO, Dp, dV, Dp, n, Dp, n, 1.0f);      // dV = P^T dO (P'^T with dropout)
   matmul(dST, np, Q, Dp, dK, Dp, n, Dp, n, a.scale);   // dK = scale dS^T Q
   matmul(Kt, np, dST, np, dQt, np, D, np, n, a.scale); // dQ^T = scale K^T dS^T
   scatter_cols<T>(a.grad_q, rows, n, D, np, dQt);

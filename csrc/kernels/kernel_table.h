@@ -31,11 +31,21 @@ struct AttnTensor {
 
 // Attention: the tensors of one call. q, k, v, out and grads share a dtype (fp32, or bf16 when
 // bf16 is set; accumulation is always fp32); lse is fp32. grad_* are used by the backward only.
+// Dropout (when `dropout` is set) is inverted dropout on the probabilities, P' = P * keep / (1 - p),
+// with keep(i, j) of query i and key j (ranks among the real tokens of the sequence) a pure
+// function of (seed, sequence index, head, i, j) from Philox4x32-10, so the backward regenerates
+// it: word (j / 16) % 4 of Philox(key = seed, counter = (16 (j / 64) + j % 16, i, head,
+// sequence)), kept when its top 24 bits are >= dropout_threshold (= round(p * 2^24)); kept
+// weights are scaled by dropout_scale.
 struct AttnArgs {
   int64_t head_dim;
   float scale;
   bool bf16;
   AttnTensor q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v;
+  bool dropout;
+  uint32_t dropout_threshold;
+  float dropout_scale;
+  uint64_t seed;
 };
 
 // Attention: one (sequence, head) work item. Its token i (0 <= i < n_real + n_pad) has index
@@ -66,13 +76,19 @@ struct KernelTable {
                     int64_t end);
   // Attention over one (sequence, head) item with `workspace` of attention_workspace floats
   // (for the longest sequence of the call): forward writes out and lse; backward recomputes P
-  // from lse and writes grad_q, grad_k, grad_v. Padded rows come out zero. `next` (or null) is
-  // the item the caller runs next: its rows are prefetched while this one computes.
+  // from lse (and the dropout mask from the seed) and writes grad_q, grad_k, grad_v. Padded rows
+  // come out zero. `next` (or null) is the item the caller runs next: its rows are prefetched
+  // while this one computes. attention_dropout_mask writes the multipliers (keep / (1 - p) or 0)
+  // of query row `row` of item `seq` for keys 0..n into mult (attention_mask_floats(n) floats;
+  // entries n.. are scratch): for tests.
   int64_t (*attention_workspace)(int64_t max_len, int64_t head_dim, bool backward);
   void (*attention_fwd)(const AttnArgs& args, const AttnSeq& seq, const AttnSeq* next,
                         float* workspace);
   void (*attention_bwd)(const AttnArgs& args, const AttnSeq& seq, const AttnSeq* next,
                         float* workspace);
+  int64_t (*attention_mask_floats)(int64_t n);
+  void (*attention_dropout_mask)(const AttnArgs& args, const AttnSeq& seq, int64_t row,
+                                 int64_t n, float* mult);
 };
 
 // Each capability TU defines its table in namespace smarter_fast::cpu::<CAPABILITY>.

@@ -113,6 +113,7 @@ const KernelTable& kernel_table() {
       SMARTER_FAST_STR(CPU_CAPABILITY), adamw_f32, sq_diff_sum_f32, sq_diff_backward_f32,
       noise_f32,
       attn::workspace_floats, attn::attention_fwd, attn::attention_bwd,
+      attn::mask_floats,     attn::dropout_mask,
   };
   return table;
 }

@@ -95,15 +95,15 @@ def test_ref_varlen_matches_per_sequence_attention():
         start += n
 
 
-def test_dropout_is_refused_by_cpp_and_auto_falls_back():
+def test_cpp_supports_dropout_and_auto_picks_a_kernel(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    skip_unless_cpp("attention_varlen")
     q, k, v = _qkv(2, 2, 5, 8)
-    reasons = ops.OPS["attention"].backends["cpp"].check(q, k, v, dropout_p=0.1)
-    assert reasons == ["attention dropout not supported"]
-    assert ops.OPS["attention_varlen"].backends["cpp"].check(q, k, v, dropout_p=0.0) == []
+    assert ops.OPS["attention"].backends["cpp"].check(q, k, v, dropout_p=0.1) == []
+    assert ops.OPS["attention_varlen"].backends["cpp"].check(q, k, v, dropout_p=0.1) == []
     chosen = ops.OPS["attention"].select("auto", (q, k, v), dropout_p=0.1)
-    assert chosen.name != "cpp"
-    with pytest.raises(BackendUnavailableError, match="attention dropout not supported"):
-        ops.attention(q, k, v, dropout_p=0.1, backend="cpp")
+    assert chosen.name in ("cpp", "triton")
+    ops.attention(q, k, v, dropout_p=0.1, backend="cpp")
 
 
 # ---- cpp against ref ------------------------------------------------------------------------
@@ -322,3 +322,262 @@ def test_cpp_non_contiguous_head_dim_and_grad(skip_unless_cpp):
     _assert_close64(out, want)
     for got_g, want_g in zip(grads, want_grads):
         _assert_close64(got_g, want_g)
+
+
+# ---- cpp attention dropout: a Philox mask keyed by (seed, sequence, head, query, key) -----------
+# The kernels never store the mask; ref.dropout_multipliers (PyTorch Philox) and
+# cpp.dropout_mask (the kernels' own generator) give it, so ref can redo the exact computation.
+
+from smarter_fast.ops.attention import cpp as cpp_attn  # noqa: E402
+
+P_DROP = 0.1
+
+
+def _ref64_mult(q, k, v, mask, g, mult):
+    """ref in float64 with the given dropout multipliers: output and gradients."""
+    q2, k2, v2 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out = ref.attention(q2, k2, v2, mask, dropout_mult=mult.double())
+    return out, _grads(out, (q2, k2, v2), g.double())
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 130])
+def test_cpp_dropout_mask_is_the_philox_reference(length, skip_unless_cpp):
+    """The kernels' generator (whatever vector width) gives the PyTorch Philox stream's mask."""
+    skip_unless_cpp("attention")
+    for seed, p in ((12345678901234, 0.1), (2**62 - 1, 0.5), (0, 0.9)):
+        got = cpp_attn.dropout_mask(3, 2, length, p, seed)
+        want = ref.dropout_multipliers(seed, 3, 2, length, p)
+        assert torch.equal(got, want)
+
+
+def test_cpp_dropout_mask_same_in_every_cpu_variant(skip_unless_cpp):
+    """DEFAULT (scalar) and AVX2 generators, which this CPU would not pick, give the same mask."""
+    skip_unless_cpp("attention")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = ("import torch\n"
+              "from smarter_fast import ops\n"
+              "from smarter_fast.ops.attention import cpp, ref\n"
+              "ops.attention(*[torch.randn(1, 1, 2, 8)] * 3, backend='cpp')\n"
+              "print(torch.ops.smarter_fast.kernel_variant())\n"
+              "for L, seed, p in ((37, 12345678901234, 0.1), (130, 2**62 - 1, 0.5)):\n"
+              "    assert torch.equal(cpp.dropout_mask(2, 3, L, p, seed),\n"
+              "                       ref.dropout_multipliers(seed, 2, 3, L, p)), L\n")
+    root = Path(__file__).resolve().parents[2]
+    for cap in ("default", "avx2"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap,
+                   PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_cpp_dropout_zero_is_unchanged(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(20)
+    q, k, v = _qkv(2, 3, 11, 16)
+    mask = _right_padded_mask([11, 5], 11)
+    plain, lse = torch.ops.smarter_fast.attention_fwd(q, k, v, mask)
+    zero, lse0 = torch.ops.smarter_fast.attention_fwd(q, k, v, mask, 0.0, 1234)
+    assert torch.equal(plain, zero) and torch.equal(lse, lse0)
+    state = torch.get_rng_state()
+    out = ops.attention(q, k, v, mask, dropout_p=0.0, backend="cpp")
+    assert torch.equal(torch.get_rng_state(), state), "no seed is drawn without dropout"
+    assert torch.equal(out, plain)
+
+
+def test_cpp_dropout_same_seed_same_output(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(21)
+    q, k, v = _qkv(2, 3, 19, 16)
+    mask = _right_padded_mask([19, 8], 19)
+    torch.manual_seed(5)
+    a = ops.attention(q, k, v, mask, dropout_p=P_DROP, backend="cpp")
+    b = ops.attention(q, k, v, mask, dropout_p=P_DROP, backend="cpp")
+    torch.manual_seed(5)
+    c = ops.attention(q, k, v, mask, dropout_p=P_DROP, backend="cpp")
+    assert torch.equal(a, c), "torch.manual_seed makes the mask reproducible"
+    assert not torch.equal(a, b), "successive calls draw new masks"
+    torch.manual_seed(5)
+    seed = ref.draw_dropout_seed()
+    d, _ = torch.ops.smarter_fast.attention_fwd(q, k, v, mask, P_DROP, seed)
+    assert torch.equal(a, d)
+
+
+def test_cpp_dropout_drops_p_of_the_real_weights(skip_unless_cpp):
+    """With q = k = 0 and V = I the output is P' itself (P uniform over the real keys): the
+    fraction of zeros among real (query, key) pairs is p, kept weights are 1 / (n (1 - p)),
+    padded keys and padded queries stay zero."""
+    skip_unless_cpp("attention")
+    B, H, L = 4, 6, 96
+    lengths = [96, 70, 33, 1]
+    q = torch.zeros(B, H, L, L)
+    v = torch.eye(L).expand(B, H, L, L).contiguous()
+    mask = _right_padded_mask(lengths, L)
+    for p in (0.1, 0.5):
+        torch.manual_seed(22)
+        out = ops.attention(q, q, v, mask, dropout_p=p, backend="cpp")
+        real = mask[:, None, :, None] & mask[:, None, None, :]
+        assert out[~real.expand_as(out)].abs().max() == 0
+        n = torch.tensor(lengths, dtype=torch.float32)[:, None, None, None].expand_as(out)
+        vals = (out * n * (1 - p))[real.expand_as(out)]
+        kept = vals != 0
+        torch.testing.assert_close(vals[kept], torch.ones_like(vals[kept]))
+        frac = 1.0 - kept.float().mean().item()
+        count = kept.numel()
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / count), (frac, p, count)
+
+
+def test_cpp_dropout_is_unbiased(skip_unless_cpp):
+    """E[out] over seeds is the output without dropout (inverted dropout); within 5 standard
+    errors of the mean, element by element."""
+    skip_unless_cpp("attention")
+    torch.manual_seed(23)
+    q, k, v = _qkv(2, 2, 13, 8, fused=False)
+    mask = _right_padded_mask([13, 6], 13)
+    with torch.no_grad():
+        want = ops.attention(q, k, v, mask, backend="cpp")
+        samples = torch.stack([ops.attention(q, k, v, mask, dropout_p=0.3, backend="cpp")
+                               for _ in range(800)])
+    mean, sem = samples.mean(0), samples.std(0) / math.sqrt(samples.shape[0])
+    assert ((mean - want).abs() <= 5 * sem + 1e-6).all(), (mean - want).abs().max()
+
+
+@pytest.mark.parametrize("L,D", [(7, 8), (33, 40), (130, 32)])
+def test_cpp_dropout_matches_ref_with_the_same_mask(L, D, skip_unless_cpp):
+    """Forward and backward against ref (float64) applying the kernels' own mask."""
+    skip_unless_cpp("attention")
+    torch.manual_seed(24 + L)
+    B, H = 3, 4
+    q, k, v = _qkv(B, H, L, D, fused=(D != 40))
+    mask = _right_padded_mask([L, max(1, L // 2), 1], L)
+    seed = 0x1234_5678_9ABC
+    out, _ = torch.ops.smarter_fast.attention_fwd(q, k, v, mask, P_DROP, seed)
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    mult = cpp_attn.dropout_mask(B, H, L, P_DROP, seed)
+    assert torch.equal(mult, ref.dropout_multipliers(seed, B, H, L, P_DROP))
+    want, want_grads = _ref64_mult(q, k, v, mask, g, mult)
+    _assert_close64(out, want)
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, want_g)
+    # padded query rows: zero output, zero gradients; padded keys: zero dK, dV
+    pad = ~mask
+    assert out.detach().permute(0, 2, 1, 3)[pad].abs().max() == 0
+    for gr in grads:
+        assert gr.permute(0, 2, 1, 3)[pad].abs().max() == 0
+    # through ops.attention (seed drawn from torch's generator, saved for the backward)
+    torch.manual_seed(7)
+    out2 = ops.attention(q, k, v, mask, dropout_p=P_DROP, backend="cpp")
+    grads2 = _grads(out2, (q, k, v), g)
+    torch.manual_seed(7)
+    mult2 = ref.dropout_multipliers(ref.draw_dropout_seed(), B, H, L, P_DROP)
+    want2, want_grads2 = _ref64_mult(q, k, v, mask, g, mult2)
+    _assert_close64(out2, want2)
+    for got_g, want_g in zip(grads2, want_grads2):
+        _assert_close64(got_g, want_g)
+
+
+def test_cpp_dropout_any_mask_pattern_keys_on_real_token_ranks(skip_unless_cpp):
+    """With a mask that is not right padding, the Philox row and column are the ranks of the
+    real tokens (so packed, padded and any padding pattern share one mask)."""
+    skip_unless_cpp("attention")
+    torch.manual_seed(25)
+    B, H, L, D = 2, 3, 12, 16
+    q, k, v = _qkv(B, H, L, D)
+    mask = torch.rand(B, L) < 0.6
+    mask[:, 3] = True
+    seed = 99
+    out, _ = torch.ops.smarter_fast.attention_fwd(q, k, v, mask, 0.25, seed)
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    ranked = cpp_attn.dropout_mask(B, H, L, 0.25, seed)
+    mult = torch.zeros(B, H, L, L)
+    for b in range(B):
+        pos = mask[b].nonzero().flatten()
+        n = pos.numel()
+        mult[b][:, pos[:, None], pos[None, :]] = ranked[b, :, :n, :n]
+    want, want_grads = _ref64_mult(q, k, v, mask, g, mult)
+    _assert_close64(out, want)
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, want_g)
+
+
+@pytest.mark.parametrize("lengths,D", [([7, 1, 33, 2], 40), ([64, 130], 32)])
+def test_cpp_dropout_varlen_matches_padded_and_ref(lengths, D, skip_unless_cpp):
+    skip_unless_cpp("attention_varlen")
+    torch.manual_seed(26 + D)
+    H, T, L = 3, sum(lengths), max(lengths)
+    qkv = torch.randn(T, 3, H, D)
+    q, k, v = [x.detach().requires_grad_() for x in qkv.unbind(1)]
+    cu = _cu(lengths)
+    seed = 31337
+    out, _ = torch.ops.smarter_fast.attention_varlen_fwd(q, k, v, cu, L, P_DROP, seed)
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    batch, position, _ = ref.pack_index(cu, L)
+
+    def pad(x):
+        y = x.new_zeros(len(lengths), L, H, D)
+        y[batch, position] = x.detach()
+        return y.transpose(1, 2).requires_grad_()
+
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    mask = _right_padded_mask(lengths, L)
+    out_p, _ = torch.ops.smarter_fast.attention_fwd(qp, kp, vp, mask, P_DROP, seed)
+    gp = g.new_zeros(len(lengths), L, H, D)
+    gp[batch, position] = g
+    grads_p = _grads(out_p, (qp, kp, vp), gp.transpose(1, 2))
+    unpad = lambda x: x.transpose(1, 2)[batch, position]  # noqa: E731
+    torch.testing.assert_close(unpad(out_p), out, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads_p, grads):
+        torch.testing.assert_close(unpad(a), b, atol=1e-6, rtol=1e-5)
+    mult = cpp_attn.dropout_mask(len(lengths), H, L, P_DROP, seed)
+    want, want_grads = _ref64_mult(qp, kp, vp, mask, gp.transpose(1, 2), mult)
+    _assert_close64(out, unpad(want))
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, unpad(want_g))
+
+
+def test_cpp_dropout_bf16_and_p_one(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    torch.manual_seed(27)
+    B, H, L, D = 2, 3, 20, 32
+    q, k, v = _qkv(B, H, L, D, dtype=torch.bfloat16)
+    mask = _right_padded_mask([20, 9], L)
+    out, _ = torch.ops.smarter_fast.attention_fwd(q, k, v, mask, P_DROP, 5)
+    g = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), g)
+    want, want_grads = _ref64_mult(q, k, v, mask, g, cpp_attn.dropout_mask(B, H, L, P_DROP, 5))
+    _assert_close64(out, want, atol=2e-2, rtol=2e-2)
+    for got_g, want_g in zip(grads, want_grads):
+        _assert_close64(got_g, want_g, atol=3e-2, rtol=3e-2)
+    out1 = ops.attention(q.float(), k.float(), v.float(), mask, dropout_p=1.0, backend="cpp")
+    assert out1.abs().max() == 0  # everything dropped, as F.dropout(p=1)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        torch.ops.smarter_fast.attention_fwd(q, k, v, mask, 1.5, 5)
+
+
+def test_cpp_dropout_opcheck(skip_unless_cpp):
+    skip_unless_cpp("attention")
+    skip_unless_cpp("attention_varlen")
+    torch.manual_seed(28)
+    B, H, L, D = 2, 3, 9, 16
+    q, k, v = _qkv(B, H, L, D)
+    mask = _right_padded_mask([9, 4], L)
+    torch.library.opcheck(torch.ops.smarter_fast.attention_fwd.default,
+                          (q, k, v, mask, P_DROP, 77))
+    out, lse = torch.ops.smarter_fast.attention_fwd(q, k, v, mask, P_DROP, 77)
+    torch.library.opcheck(torch.ops.smarter_fast.attention_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), mask,
+                           out.detach(), lse, P_DROP, 77))
+    qp, kp, vp = [torch.randn(11, H, D, requires_grad=True) for _ in range(3)]
+    cu = _cu([4, 1, 6])
+    torch.library.opcheck(torch.ops.smarter_fast.attention_varlen_fwd.default,
+                          (qp, kp, vp, cu, 6, P_DROP, 78))
+    out, lse = torch.ops.smarter_fast.attention_varlen_fwd(qp, kp, vp, cu, 6, P_DROP, 78)
+    torch.library.opcheck(torch.ops.smarter_fast.attention_varlen_bwd.default,
+                          (torch.randn_like(out), qp.detach(), kp.detach(), vp.detach(), cu, 6,
+                           out.detach(), lse, P_DROP, 78))
