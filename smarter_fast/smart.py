@@ -9,13 +9,32 @@ Gradients flow through both branches (and through the noise, whose gradient is t
 into the shared embeddings). The model outputs compared are the raw task outputs: SST logits (B, 5),
 Quora logits (B,), STS scores (B,).
 
-The full (adversarial) SMART of the paper (power iteration for the worst perturbation, Bregman
-proximal point) is `--smart full`, planned for a later issue.
+Full SMART (Jiang et al. 2019, `--smart full`, `smart_full_loss`), as in the official mt-dnn
+implementation (mt_dnn/perturbation.py, SmartPerturbation):
+
+    E      = model.bert.embed(...)                         # once, with the training dropout
+    clean  = heads(task, E)                                # training mode (dropout as configured)
+    delta  ~ N(0, sigma^2)                                 # per embedding element (padding zeroed)
+    K times:   g = d/d delta  D(heads(task, E.detach() + delta), clean.detach())
+               delta = (delta + eta g) / (max_h |delta + eta g| + 1e-6)    # per token, L-inf
+               (or, with projection: delta = clip(delta + eta g / max_h|g|, -epsilon, epsilon))
+    term   = D(heads(task, E + delta), clean)              # gradient to both branches
+    total  = task loss + lambda * term  [+ mu * D(clean, teacher(x))  with --smart-full-bregman]
+
+D is the symmetric divergence of the task's output distribution (`symmetric_divergence`):
+symmetric KL of the softmax for SST, of the Bernoulli(sigmoid) for Quora, squared error for STS.
+The adversarial passes run with dropout off by default (`keep_dropout=True` keeps it). The
+momentum Bregman proximal point uses a mean-teacher EMA of the parameters (`EmaTeacher`,
+beta 0.995): its output (no dropout, no gradient) anchors the student's clean output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
+import torch.nn.functional as F
 
 from . import ops
 from .losses import HEAD_OF, task_loss
@@ -53,17 +72,147 @@ def smart_simple_loss(model, task: str, batch: dict, sigma: float, lam: float, s
     return loss + lam * term, loss, term, clean
 
 
-class SmartNotImplemented(NotImplementedError):
-    pass
+# ---- full SMART --------------------------------------------------------------------------------------
+def symmetric_divergence(task: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Symmetric divergence between two model outputs of `task`, mean over the batch:
+    sst:   KL(P||Q) + KL(Q||P) of the softmax distributions = sum_k (P_k - Q_k)(log P_k - log Q_k);
+    quora: the same for Bernoulli(sigmoid(logit)) = (sigmoid(a) - sigmoid(b)) * (a - b);
+    sts:   squared error (the outputs are scores, not distributions)."""
+    p, q = p.float(), q.float()
+    if task == "sst":
+        lp, lq = F.log_softmax(p, dim=-1), F.log_softmax(q, dim=-1)
+        return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
+    if task == "quora":
+        return ((torch.sigmoid(p) - torch.sigmoid(q)) * (p - q)).mean()
+    if task == "sts":
+        return ((p - q) ** 2).mean()
+    raise ValueError(f"unknown task {task!r}")
+
+
+@contextlib.contextmanager
+def dropout_off(model, enabled: bool = True):
+    """Evaluation mode (no dropout anywhere) inside the block; the previous mode afterwards."""
+    was = model.training
+    if enabled:
+        model.train(False)
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _normalise_linf(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / (max |x| over the hidden dim + eps): per token L-infinity normalisation (mt-dnn)."""
+    return x / (x.abs().amax(dim=-1, keepdim=True) + eps)
+
+
+def adversarial_perturbation(model, task: str, E: torch.Tensor, mask: torch.Tensor,
+                             target: torch.Tensor, *, sigma: float = 1e-5, eta: float = 1e-3,
+                             steps: int = 1, epsilon: float | None = None, keep_dropout: bool = False,
+                             generator: torch.Generator | None = None,
+                             return_losses: bool = False):
+    """The adversarial perturbation delta of the embedding output E (B, L, H), detached.
+
+    delta starts as N(0, sigma^2) (zero on padding); each of `steps` ascent steps takes the
+    gradient g of D(f(E + delta), target) and moves delta to (delta + eta g) normalised per token
+    in L-inf (mt-dnn), or, with `epsilon`, to delta + eta g / max|g| clipped to the L-inf
+    epsilon-ball (the paper's projected ascent). With return_losses, also the inner losses
+    [before step 1, after step 1, ..., after step K] (for tests and diagnostics)."""
+    head = HEAD_OF[task]
+    E0 = E.detach()
+    target = target.detach()
+    noise = torch.randn(E0.shape, generator=generator, dtype=torch.float32, device="cpu")
+    delta = (noise.to(E0.device, E0.dtype) * sigma)
+    pad = None
+    if mask is not None:
+        pad = mask.to(E0.dtype).unsqueeze(-1)  # (B, L, 1)
+        delta = delta * pad
+    losses = []
+    with dropout_off(model, not keep_dropout), torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            out = model.heads_from_embeddings(head, E0 + delta, mask)
+            inner = symmetric_divergence(task, out, target)
+            (g,) = torch.autograd.grad(inner, delta)
+            losses.append(float(inner.detach()))
+            if not torch.isfinite(g).all():
+                delta = delta.detach()
+                break
+            with torch.no_grad():
+                if epsilon is None:
+                    delta = _normalise_linf(delta + eta * g)
+                else:
+                    delta = (delta + eta * _normalise_linf(g)).clamp(-epsilon, epsilon)
+                if pad is not None:
+                    delta = delta * pad
+            delta = delta.detach()
+        if return_losses:
+            with torch.no_grad():
+                out = model.heads_from_embeddings(head, E0 + delta, mask)
+                losses.append(float(symmetric_divergence(task, out, target)))
+    return (delta, losses) if return_losses else delta
+
+
+class EmaTeacher:
+    """Mean teacher for the momentum Bregman proximal point: theta~ <- beta theta~ + (1 - beta) theta
+    after every optimizer step; evaluated without dropout and without gradient."""
+
+    def __init__(self, model, beta: float = 0.995):
+        self.beta = float(beta)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        src = [p.detach() for p in model.parameters()]
+        dst = list(self.model.parameters())
+        torch._foreach_mul_(dst, self.beta)
+        torch._foreach_add_(dst, src, alpha=1.0 - self.beta)
+
+    @torch.no_grad()
+    def __call__(self, task: str, batch: dict) -> torch.Tensor:
+        return task_forward(self.model, task, batch)
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "model": self.model.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.beta = float(sd["beta"])
+        self.model.load_state_dict(sd["model"])
+
+
+def smart_full_loss(model, task: str, batch: dict, *, sigma: float = 1e-5, eta: float = 1e-3,
+                    steps: int = 1, lam: float = 1.0, epsilon: float | None = None,
+                    keep_dropout: bool = False, seed: int = 0, teacher: EmaTeacher | None = None,
+                    mu: float = 1.0):
+    """(total, task loss, SMART term, clean output) of full SMART for one padded batch:
+    total = loss + lam * adv (+ mu * D(clean, teacher output) with a teacher); the SMART term
+    returned is the unweighted adversarial divergence adv."""
+    head = HEAD_OF[task]
+    type_ids = batch.get("token_type_ids") if task != "sst" else None
+    mask = batch["attention_mask"]
+    E = model.bert.embed(batch["input_ids"], type_ids)  # (B, L, H)
+    clean = model.heads_from_embeddings(head, E, mask)
+    loss = task_loss(task, clean, batch["labels"])
+    g = torch.Generator().manual_seed(int(seed))
+    delta = adversarial_perturbation(model, task, E, mask, clean, sigma=sigma, eta=eta, steps=steps,
+                                     epsilon=epsilon, keep_dropout=keep_dropout, generator=g)
+    with dropout_off(model, not keep_dropout):
+        adv = model.heads_from_embeddings(head, E + delta, mask)
+    term = symmetric_divergence(task, adv, clean)
+    total = loss + lam * term
+    if teacher is not None:
+        breg = symmetric_divergence(task, clean, teacher(task, batch))
+        total = total + mu * breg
+    return total, loss, term, clean
 
 
 def check_mode(mode: str) -> None:
     if mode not in SMART_MODES:
         raise ValueError(f"unknown SMART mode {mode!r}; expected one of {', '.join(SMART_MODES)}")
-    if mode == "full":
-        raise SmartNotImplemented("--smart full (adversarial SMART with Bregman proximal point) is "
-                                  "not implemented yet; it comes in a later issue. Use --smart simple.")
 
 
 __all__ = ["SMART_MODES", "step_seed", "task_forward", "smart_simple_loss", "check_mode",
-           "SmartNotImplemented"]
+           "symmetric_divergence", "adversarial_perturbation", "smart_full_loss", "EmaTeacher",
+           "dropout_off"]

@@ -5,7 +5,10 @@ import torch
 
 from smarter_fast.losses import task_loss
 from smarter_fast.model import BertConfig, BertModel, MultitaskBert
-from smarter_fast.smart import SmartNotImplemented, check_mode, smart_simple_loss, step_seed
+import torch.nn.functional as F
+
+from smarter_fast.smart import (EmaTeacher, adversarial_perturbation, check_mode, smart_full_loss,
+                                smart_simple_loss, step_seed, symmetric_divergence)
 
 
 def tiny_model(seed=0):
@@ -93,7 +96,86 @@ def test_term_grows_with_sigma():
 def test_modes():
     check_mode("off")
     check_mode("simple")
-    with pytest.raises(SmartNotImplemented, match="not implemented yet"):
-        check_mode("full")
+    check_mode("full")
     with pytest.raises(ValueError):
         check_mode("nope")
+
+
+# ---- full SMART --------------------------------------------------------------------------------------
+def test_symmetric_kl_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    P, Q = a.softmax(-1), b.softmax(-1)
+    direct = ((P * (P / Q).log()).sum(-1) + (Q * (Q / P).log()).sum(-1)).mean()
+    torch.testing.assert_close(symmetric_divergence("sst", a, b), direct)
+    via_torch = (F.kl_div(b.log_softmax(-1), P, reduction="batchmean")
+                 + F.kl_div(a.log_softmax(-1), Q, reduction="batchmean"))
+    torch.testing.assert_close(symmetric_divergence("sst", a, b), via_torch)
+    x, y = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    p, q = torch.sigmoid(x), torch.sigmoid(y)
+    kl = lambda p, q: p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()  # noqa: E731
+    torch.testing.assert_close(symmetric_divergence("quora", x, y), (kl(p, q) + kl(q, p)).mean())
+    torch.testing.assert_close(symmetric_divergence("sts", x, y), ((x - y) ** 2).mean())
+    assert symmetric_divergence("sst", a, a).item() == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(symmetric_divergence("sst", a, b), symmetric_divergence("sst", b, a))
+
+
+@pytest.mark.parametrize("task", ["sst", "quora", "sts"])
+@pytest.mark.parametrize("epsilon", [None, 1e-2])
+def test_adversarial_step_increases_inner_loss(task, epsilon):
+    model = tiny_model()
+    b = batch(task)
+    type_ids = b["token_type_ids"] if task != "sst" else None
+    E = model.bert.embed(b["input_ids"], type_ids)
+    head = {"sst": "sentiment", "quora": "paraphrase", "sts": "similarity"}[task]
+    clean = model.heads_from_embeddings(head, E, b["attention_mask"])
+    # epsilon=None: mt-dnn's per-token L-inf normalised step; else projected ascent in the ball
+    delta, losses = adversarial_perturbation(
+        model, task, E, b["attention_mask"], clean, sigma=1e-3, eta=1e-2 if epsilon is None else 1e-3,
+        steps=2, epsilon=epsilon, generator=torch.Generator().manual_seed(0), return_losses=True)
+    assert len(losses) == 3
+    assert losses[1] > losses[0] and losses[2] > losses[1]
+    assert not delta.requires_grad
+    assert (delta[0, 5:] == 0).all()  # padding is never perturbed
+    if epsilon is not None:
+        assert delta.abs().max() <= epsilon + 1e-9
+    else:
+        # each real token's perturbation has L-inf norm ~1 (normalised per token)
+        torch.testing.assert_close(delta[1].abs().amax(-1), torch.ones(7), atol=1e-4, rtol=0)
+
+
+def test_smart_full_loss_gradients_and_dropout_mode():
+    model = tiny_model()
+    model.dropout.p = 0.3
+    b = batch("sst")
+    total, loss, term, clean = smart_full_loss(model, "sst", b, sigma=1e-5, eta=1e-3, steps=1, lam=2.0,
+                                               seed=3)
+    assert model.training  # the adversarial passes restore the training mode
+    assert term.item() > 0
+    torch.testing.assert_close(total, loss + 2.0 * term)
+    total.backward()
+    assert model.bert.embeddings.word.weight.grad.abs().sum() > 0
+    # same seed: same perturbation, same term (dropout off in the adversarial passes)
+    torch.manual_seed(0)
+    t1 = smart_full_loss(model, "sst", b, seed=3)[2]
+    torch.manual_seed(0)
+    t2 = smart_full_loss(model, "sst", b, seed=3)[2]
+    assert t1.item() == t2.item()
+
+
+def test_ema_teacher_bregman_term():
+    model = tiny_model()
+    teacher = EmaTeacher(model, beta=0.5)
+    b = batch("quora")
+    # identical teacher: the Bregman term is 0, total = loss + lam * adv
+    total, loss, term, _ = smart_full_loss(model, "quora", b, lam=1.0, seed=1, teacher=teacher, mu=1.0)
+    torch.testing.assert_close(total, loss + term)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    before = [p.clone() for p in teacher.model.parameters()]
+    teacher.update(model)
+    for p0, pt, ps in zip(before, teacher.model.parameters(), model.parameters()):
+        torch.testing.assert_close(pt, 0.5 * p0 + 0.5 * ps)
+    total, loss, term, _ = smart_full_loss(model, "quora", b, lam=1.0, seed=1, teacher=teacher, mu=1.0)
+    assert (total - loss - term).item() > 0
