@@ -120,3 +120,70 @@ def test_bad_arguments():
         Schedule("nope", {}, 8)
     with pytest.raises(ValueError):
         Schedule("split1", {}, 8, parts=0)
+
+
+# ---- task samplers -----------------------------------------------------------------------------------
+from smarter_fast.data.schedules import SAMPLERS, sampler_alpha, task_probabilities  # noqa: E402
+
+
+def test_sampler_probabilities():
+    sizes = {"sst": 100, "quora": 400, "sts": 25}
+    p = task_probabilities(sizes, 1.0)
+    assert p == pytest.approx({"sst": 100 / 525, "quora": 400 / 525, "sts": 25 / 525})
+    p = task_probabilities(sizes, 0.5)
+    assert p == pytest.approx({"sst": 10 / 35, "quora": 20 / 35, "sts": 5 / 35})
+    assert task_probabilities(sizes, 0.0) == pytest.approx({t: 1 / 3 for t in sizes})
+    assert task_probabilities({"sst": 4, "quora": 0, "sts": 4}, 1.0)["quora"] == 0
+    assert sampler_alpha("proportional") == 1 and sampler_alpha("sqrt") == 0.5
+    assert sampler_alpha("annealed", 0) == 1 and sampler_alpha("annealed", 1) == pytest.approx(0.2)
+    assert sampler_alpha("annealed", 0.5) == pytest.approx(0.6)
+
+
+def test_annealed_goes_from_proportional_to_alpha_02():
+    s = make("annealed")
+    s.epochs = 3
+    n = sum(s.n_batches(0).values())
+    sizes = {t: n_ for t, n_ in SIZES.items()}
+    assert s.task_probs(0, 0) == pytest.approx(task_probabilities(sizes, 1.0))
+    assert s.task_probs(2, n - 1) == pytest.approx(task_probabilities(sizes, 0.2))
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_samplers_deterministic_batch_interleaved(name):
+    a, b, c = make(name), make(name), make(name, seed=4)
+    steps = a.epoch_steps(0)
+    assert steps == b.epoch_steps(0)
+    assert steps != c.epoch_steps(0) or name == "round-robin"
+    assert steps != a.epoch_steps(1)
+    assert len(steps) == sum(-(-n // 8) for n in SIZES.values())  # as many steps as batches
+    for task, idx in steps:
+        assert 0 < len(idx) <= 8 and max(idx) < SIZES[task] and len(set(idx)) == len(idx)
+    if name == "round-robin":
+        assert [t for t, _ in steps[:6]] == ["sst", "quora", "sts"] * 2
+    counts = a.epoch_counts(0)
+    assert sum(counts.values()) == sum(len(ix) for _, ix in steps)
+
+
+def test_sampler_frequencies_follow_probabilities():
+    s = Schedule("proportional", {"sst": lengths(800), "quora": lengths(3200), "sts": lengths(400)}, 4, seed=1)
+    tasks = [t for t, _ in s.epoch_steps(0)]
+    freq = {t: tasks.count(t) / len(tasks) for t in ("sst", "quora", "sts")}
+    assert freq == pytest.approx({"sst": 800 / 4400, "quora": 3200 / 4400, "sts": 400 / 4400}, abs=0.03)
+    s = Schedule("sqrt", {"sst": lengths(800), "quora": lengths(3200), "sts": lengths(200)}, 4, seed=1)
+    tasks = [t for t, _ in s.epoch_steps(0)]
+    z = 800 ** 0.5 + 3200 ** 0.5 + 200 ** 0.5
+    assert tasks.count("sts") / len(tasks) == pytest.approx(200 ** 0.5 / z, abs=0.03)
+
+
+@pytest.mark.parametrize("name", ["baseline", "split1", "proportional"])
+def test_group_steps_one_batch_of_every_task(name):
+    s = make(name, parts=2)
+    groups = s.group_steps(0)
+    assert len(groups) == -(-len(s.epoch_steps(0)) // 3)
+    for g in groups:
+        assert set(g) == {"sst", "quora", "sts"}
+        for t, ix in g.items():
+            assert 0 < len(ix) <= 8 and max(ix) < SIZES[t]
+    assert groups == make(name, parts=2).group_steps(0)
+    w = s.task_weights(0)
+    assert sum(w.values()) == pytest.approx(3.0)
