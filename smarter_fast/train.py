@@ -48,7 +48,7 @@ from .smart import SMART_MODES, smart_simple_loss, step_seed, task_forward
 log = logging.getLogger("smarter_fast")
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer_state.json")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: mid-epoch position, RNG states, metrics rows (smarter_fast.state)
 REPORT_LR = 1e-5  # the report's best recipe
 DEMO_LR = 1e-4  # the demo data gets ~800 steps: at 1e-5 the fresh heads barely move
 
@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="output directory (default: runs/<date-time>/)")
     r.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --out (start afresh if there is none)")
+    r.add_argument("--save-every", type=_positive_int("--save-every"), default=None,
+                   help="also checkpoint (checkpoints/last) every N training steps, mid-epoch "
+                        "included (default: at epoch ends only)")
+    r.add_argument("--max-nonfinite", type=_positive_int("--max-nonfinite"), default=5,
+                   help="steps with a NaN/inf loss or gradient are skipped; stop after this many in a row")
+    d.add_argument("--strict", action="store_true",
+                   help="malformed data rows are errors (file, line, field) instead of skipped")
     r.add_argument("--num-threads", type=_positive_int("--num-threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
     return p
@@ -223,63 +230,26 @@ def resolve_data_dir(arg, out_dir: Path) -> tuple[Path, str, bool]:
     except DataError:
         pass
     from .data.demo import write_demo_data
-    directory = write_demo_data(out_dir / "demo_data")
+    from .distributed import demo_data_dir
+    directory = write_demo_data(demo_data_dir(out_dir))
     return directory, (f"SYNTHETIC demo data generated in {directory} (no --data-dir and no "
                        f"CS224N files in ./data; metrics are for the synthetic set only)"), True
 
 
 def _last_checkpoint(out_dir: Path) -> Path | None:
-    ck = out_dir / "checkpoints"
-    for name in ("last", ".last.old"):  # .last.old: crash between the two renames of a swap
-        d = ck / name
-        if all((d / f).is_file() for f in CHECKPOINT_FILES):
-            return d
-    return None
+    from .state import find_last_checkpoint
+    return find_last_checkpoint(out_dir)  # `last`, or `.last.old` after a crash between renames
 
 
-# ---- checkpoints -----------------------------------------------------------------------------------
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace directory `final` by `tmp` with renames (the old one survives until the new is in)."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
+# ---- checkpoints (atomic, fsynced: smarter_fast.state) ---------------------------------------------
 def save_training_checkpoint(directory: Path, model, optimizer, state: dict) -> Path:
-    """Weights + config + vocab (save_pretrained), optimizer.pt and trainer_state.json, written to
-    a temporary directory and renamed into place."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    _swap_in(tmp, directory)
-    return directory
+    from .state import write_checkpoint
+    return write_checkpoint(directory, model, optimizer, state)
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
-    """dst becomes a copy of src (hard links where possible: checkpoint files are never modified
-    in place, only replaced)."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file():
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    _swap_in(tmp, dst)
-    return dst
+    from .state import copy_checkpoint as copy
+    return copy(src, dst)
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -288,56 +258,86 @@ def _to(batch: dict, device) -> dict:
 
 
 def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: int, args,
-                device, global_step: int, epoch_label: str, synthetic: bool):
-    """One epoch; returns (stats dict, new global_step)."""
+                device, global_step: int, epoch_label: str, synthetic: bool, run_state=None):
+    """One epoch; returns (stats dict, new global_step).
+
+    With a `run_state` (smarter_fast.state.RunState) the epoch may start mid-way (resume), steps
+    with a non-finite loss or gradient are skipped, checkpoints are written every --save-every
+    steps and on SIGINT/SIGTERM, and under torchrun each rank trains its shard of every global
+    batch (smarter_fast.distributed)."""
     from tqdm import tqdm
+    from .distributed import all_reduce_sum, is_main, shard
+    from .state import RunState
+    rs = run_state if run_state is not None else RunState(model, optimizer, args=args)
     steps = schedule.epoch_steps(epoch)
     total_examples = sum(len(ix) for _, ix in steps)
-    sums = {t: 0.0 for t in TASK_ORDER}
-    counts = {t: 0 for t in TASK_ORDER}
-    smart_sum, smart_n = 0.0, 0
     autocast = args.precision == "bf16"
     model.train()
-    torch.manual_seed(step_seed(args.seed, 10_000_019 + epoch))  # dropout masks: fixed per (seed, epoch)
-    seen, running = 0, None
+    # dropout masks: fixed per (seed, epoch); a mid-epoch resume restores the saved RNG state
+    start, partial = rs.begin_epoch(epoch, lambda: step_seed(args.seed, 10_000_019 + epoch))
+    p = partial or {"sums": {t: 0.0 for t in TASK_ORDER}, "counts": {t: 0 for t in TASK_ORDER},
+                    "smart_sum": 0.0, "smart_n": 0, "seen": 0, "seconds": 0.0}
+    sums, counts = p["sums"], p["counts"]
+    running = None
     t0 = time.perf_counter()
-    bar = tqdm(total=total_examples, desc=f"epoch {epoch_label}" + (" [SYNTHETIC]" if synthetic else ""),
+    done_before = sum(len(ix) for _, ix in steps[:start])
+    bar = tqdm(total=total_examples, initial=done_before, disable=not is_main(),
+               desc=f"epoch {epoch_label}" + (" [SYNTHETIC]" if synthetic else ""),
                unit="ex", dynamic_ncols=True, mininterval=1.0, leave=False, file=sys.stderr)
     try:
-        for task, indices in steps:
-            batch = _to(train_data[task].batch(indices), device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                if args.smart == "simple":
-                    total, loss, term, _ = smart_simple_loss(
-                        model, task, batch, args.smart_sigma, args.smart_lambda,
-                        step_seed(args.seed, global_step), backend=args.backend)
-                else:
-                    out = task_forward(model, task, batch)
-                    loss = task_loss(task, out, batch["labels"])
-                    total, term = loss, None
-            total.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value) or not math.isfinite(float(total.detach())):
-                raise FloatingPointError(f"training loss became {value} at epoch {epoch_label}, "
-                                         f"global step {global_step} ({task}); try a lower --lr")
-            n = len(indices)
-            sums[task] += value * n
-            counts[task] += n
-            if term is not None:
-                smart_sum += float(term.detach()) * n
-                smart_n += n
-            seen += n
-            running = value if running is None else 0.98 * running + 0.02 * value
-            bar.update(n)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix_str(f"{task} loss {running:.3f}, {seen / max(elapsed, 1e-9):.1f} ex/s",
-                                refresh=False)
+        with rs.stop:
+            for position in range(start, len(steps)):
+                task, global_indices = steps[position]
+                indices, weight = shard(global_indices)
+                batch = _to(train_data[task].batch(indices), device)
+
+                def compute(m, task=task, batch=batch):
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                        if args.smart == "simple":
+                            total, loss, term, _ = smart_simple_loss(
+                                m, task, batch, args.smart_sigma, args.smart_lambda,
+                                step_seed(args.seed, global_step), backend=args.backend)
+                        else:
+                            out = task_forward(m, task, batch)
+                            loss = task_loss(task, out, batch["labels"])
+                            total, term = loss, None
+                    return total, loss, term
+
+                total, loss, term = rs.forward(compute)
+                (total * weight if weight != 1.0 else total).backward()
+                skip = rs.check_step([loss.detach(), total.detach()],
+                                     f"epoch {epoch_label}, step {position + 1}/{len(steps)} "
+                                     f"(global step {global_step + 1}, {task})")
+                if not skip:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                n = len(indices) if weight > 0 else 0
+                if not skip:
+                    value = float(loss.detach())
+                    sums[task] += value * n
+                    counts[task] += n
+                    if term is not None:
+                        p["smart_sum"] += float(term.detach()) * n
+                        p["smart_n"] += n
+                    running = value if running is None else 0.98 * running + 0.02 * value
+                p["seen"] += n
+                bar.update(len(global_indices))
+                elapsed = time.perf_counter() - t0
+                if running is not None:
+                    bar.set_postfix_str(f"{task} loss {running:.3f}, {p['seen'] / max(elapsed, 1e-9):.1f} ex/s",
+                                        refresh=False)
+                p_now = {**p, "seconds": p["seconds"] + time.perf_counter() - t0}
+                rs.after_step(epoch, position + 1, len(steps), global_step, p_now)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = p["seconds"] + time.perf_counter() - t0
+    # totals over ranks (identity in one process)
+    red = all_reduce_sum([sums[t] for t in TASK_ORDER] + [counts[t] for t in TASK_ORDER]
+                         + [p["smart_sum"], p["smart_n"], p["seen"]])
+    sums = dict(zip(TASK_ORDER, red[:3]))
+    counts = {t: int(round(c)) for t, c in zip(TASK_ORDER, red[3:6])}
+    smart_sum, smart_n, seen = red[6], int(round(red[7])), int(round(red[8]))
     stats = {
         "train_seconds": seconds,
         "train_examples": seen,
@@ -346,6 +346,7 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
         **{f"train_examples_{t}": counts[t] for t in TASK_ORDER},
         **{f"train_loss_{t}": (sums[t] / counts[t] if counts[t] else None) for t in TASK_ORDER},
         "smart_term": smart_sum / smart_n if smart_n else None,
+        "nonfinite_skipped": rs.guard.total,
     }
     return stats, global_step
 
@@ -355,15 +356,22 @@ def run(args) -> int:
     from .evaluate import encode_split, evaluate_dev, write_evaluation
     from .model import MultitaskBert
     from .optim import AdamW
-    from .report import atomic_write_json, format_metrics, plot_learning_curves, read_metrics
+    from .report import atomic_write_json, atomic_write_text, format_metrics, plot_learning_curves, read_metrics
+
+    from . import distributed as dist
+    from .state import RunState, clean_temporaries, copy_checkpoint as _copy_ck, is_complete, read_state
 
     _setup_logging()
+    dist_device = dist.init()  # torchrun: process group, this rank's device; None otherwise
+    main_rank = dist.is_main()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     out_dir = Path(args.out) if args.out else Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = Path(dist.broadcast_object(str(out_dir)))
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     resume_dir = _last_checkpoint(out_dir) if args.resume else None
+    ck_dir = out_dir / "checkpoints"
     try:
         data_dir, data_desc, synthetic = resolve_data_dir(args.data_dir, out_dir)
     except DataError as e:
@@ -381,9 +389,11 @@ def run(args) -> int:
     if args.resume and resume_dir is None:
         print(f"--resume: no checkpoint in {out_dir / 'checkpoints' / 'last'}; starting afresh", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        clean_temporaries(out_dir)
     tag = " [SYNTHETIC]" if synthetic else ""
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU does not support bfloat16")
     _seed_everything(args.seed)
@@ -392,8 +402,8 @@ def run(args) -> int:
     t_setup = time.perf_counter()
     tokenizer = load_tokenizer(args.pretrained, max_length=args.max_length)
     try:
-        train_split = load_cs224n(data_dir, "train", limit=args.limit)
-        dev_split = load_cs224n(data_dir, "dev")
+        train_split = load_cs224n(data_dir, "train", limit=args.limit, strict=args.strict)
+        dev_split = load_cs224n(data_dir, "dev", strict=args.strict)
     except DataError as e:
         raise UsageError(str(e)) from None
     for split in (train_split, dev_split):
@@ -405,7 +415,8 @@ def run(args) -> int:
     sizes = {t: len(train_data[t]) for t in TASK_ORDER}
     parts = resolve_split_parts(args.split_parts, sizes["sst"], sizes["quora"])
     schedule = Schedule(args.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
-                        args.batch_size, seed=args.seed, parts=parts, interleave=args.interleave)
+                        args.batch_size * dist.world(),  # global batch; each rank trains its shard
+                        seed=args.seed, parts=parts, interleave=args.interleave)
     part_note = f", {parts} parts" if args.schedule != "baseline" else ""
     per_epoch = schedule.epoch_counts(0)
     print(f"train: sst {sizes['sst']}, quora {sizes['quora']}, sts {sizes['sts']} examples; "
@@ -422,36 +433,54 @@ def run(args) -> int:
 
     start_epoch, global_step, best = 0, 0, {"mean_score": -math.inf, "epoch": None}
     metrics_path = out_dir / "metrics.jsonl"
+    forward = dist.wrap(model, device)  # DistributedDataParallel under torchrun
+    rs = RunState(model, optimizer, out_dir, schedule.state_dict(), args, forward, device)
     if resume_dir is not None:
-        state = json.loads((resume_dir / "trainer_state.json").read_text())
+        state = read_state(resume_dir)
         if state.get("schedule") != schedule.state_dict():
             raise UsageError(f"cannot resume from {resume_dir}: its schedule {state.get('schedule')} "
                              f"differs from this run's {schedule.state_dict()} (same data, --limit, "
                              f"--schedule, --split-parts, --batch-size and --seed needed)")
         optimizer.load_state_dict(torch.load(resume_dir / "optimizer.pt", map_location=device,
                                              weights_only=True))
-        start_epoch, global_step = state["epochs_done"], state["global_step"]
-        best = state["best"]
-        rows = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"resuming after epoch {start_epoch} (global step {global_step}, best mean_score "
+        start_epoch, global_step = rs.load(state)
+        best = rs.best
+        if "metrics" in state:  # the rows up to the checkpoint (a killed run may have written more)
+            rows = state["metrics"]
+        else:  # version 1 checkpoints
+            rows = rs.metrics = [r for r in read_metrics(metrics_path) if r["epoch"] <= start_epoch]
+        if main_rank:
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+            # a crash between saving `last` and copying it to `best`
+            if (best["epoch"] == start_epoch and not state.get("next_step_in_epoch")
+                    and (not is_complete(ck_dir / "best")
+                         or read_state(ck_dir / "best").get("epochs_done") != start_epoch)):
+                _copy_ck(resume_dir, ck_dir / "best")
+        mid = state.get("next_step_in_epoch", 0)
+        where = (f"epoch {start_epoch + 1} at step {mid}" if mid else f"after epoch {start_epoch}")
+        print(f"resuming {where} (global step {global_step}, best mean_score "
               f"{best['mean_score']:.4f} at epoch {best['epoch']})", flush=True)
-    else:
-        metrics_path.write_text("")
-    atomic_write_json(out_dir / "args.json", {**vars(args), "data_dir": str(data_dir),
-                                              "synthetic_data": synthetic, "split_parts_resolved": parts})
+    elif main_rank:
+        atomic_write_text(metrics_path, "")
+    if main_rank:
+        atomic_write_json(out_dir / "args.json", {**vars(args), "data_dir": str(data_dir),
+                                                  "synthetic_data": synthetic, "split_parts_resolved": parts,
+                                                  "world_size": dist.world()})
     print(f"setup {time.perf_counter() - t_setup:.1f}s; device {device}, precision {args.precision}, "
           f"backend {args.backend}, lr {args.lr:g}, smart {args.smart}"
           + (f" (sigma {args.smart_sigma}, lambda {args.smart_lambda})" if args.smart != "off" else "")
           + f"; writing to {out_dir}", flush=True)
 
     autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
-    ck_dir = out_dir / "checkpoints"
     best_in_memory = None  # (epoch, dev result) while the model in memory is the best one
     for epoch in range(start_epoch, args.epochs):
         label = f"{epoch + 1}/{args.epochs}"
         stats, global_step = train_epoch(model, optimizer, schedule, train_data, epoch, args,
-                                         device, global_step, label, synthetic)
+                                         device, global_step, label, synthetic, run_state=rs)
+        if not main_rank:  # rank 0 evaluates, writes and saves; the others wait
+            rs.trainer_state(epoch + 1, 0, global_step)  # (collective: RNG states for the checkpoint)
+            dist.barrier()
+            continue
         t_eval = time.perf_counter()
         metrics, dev_preds = evaluate_dev(model, dev_data, args.eval_batch_size, device, autocast_dtype)
         eval_seconds = time.perf_counter() - t_eval
@@ -462,12 +491,12 @@ def run(args) -> int:
                "eval_seconds": eval_seconds, "global_step": global_step,
                "split_part": (epoch % parts) if args.schedule != "baseline" else None,
                "lr": args.lr, "smart": args.smart, "synthetic_data": synthetic, "best": is_best}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        state = {"version": STATE_VERSION, "epochs_done": epoch + 1, "global_step": global_step,
-                 "next_step_in_epoch": 0, "best": best, "schedule": schedule.state_dict(),
-                 "seed": args.seed, "args": {k: v for k, v in vars(args).items()}}
+        rs.best = best
+        rs.metrics.append(row)
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rs.metrics))
+        state = rs.trainer_state(epoch + 1, 0, global_step)
         last = save_training_checkpoint(ck_dir / "last", model, optimizer, state)
+        dist.barrier()
         if is_best:
             copy_checkpoint(last, ck_dir / "best")
             best_in_memory = (epoch + 1, (metrics, dev_preds))
@@ -480,6 +509,8 @@ def run(args) -> int:
               f"{format_metrics(metrics)} (eval {eval_seconds:.1f}s){'  *best' if is_best else ''}",
               flush=True)
 
+    if not main_rank:
+        return 0
     # Predictions and confusion matrix from the best checkpoint.
     best_dir = ck_dir / "best"
     if not (best_dir / "model.safetensors").is_file():
@@ -499,8 +530,12 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .state import Stopped
     try:
         return run(args)
+    except Stopped as e:
+        print(f"{e}", file=sys.stderr)
+        return 128 + int(e.signum)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -515,6 +550,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
+    finally:
+        from .distributed import shutdown
+        shutdown()
 
 
 if __name__ == "__main__":
