@@ -163,8 +163,7 @@ def test_reasons_and_fallback():
     with pytest.raises(BackendUnavailableError, match="head_dim 48"):
         ops.attention(q, q, q, backend="triton")
     q = torch.randn(1, 2, 5, 32)
-    with pytest.raises(BackendUnavailableError, match="attention dropout not supported"):
-        ops.attention(q, q, q, dropout_p=0.1, backend="triton")
+    assert tri.check(q, q, q, dropout_p=0.1) == []  # dropout is supported
     with pytest.raises(BackendUnavailableError, match="float64"):
         ops.attention(q.double(), q.double(), q.double(), backend="triton")
     # the same reasons make auto pass triton over (checked without running the other backends)
@@ -204,3 +203,135 @@ def test_opcheck_in_interpreter():
     cu = torch.tensor([0, 17, 26], dtype=torch.int32)
     torch.library.opcheck(torch.ops.smarter_fast_triton.attention_fwd.default,
                           (qp, kp, vp, cu, 17, True), test_utils=utils)
+
+
+# ---- attention dropout: the Philox mask shared with the cpp kernels and ref.dropout_keep_mask ----
+
+P_DROP = 0.1
+
+
+def _mult(seed, n_seq, H, L, p=P_DROP):
+    return ref.dropout_multipliers(seed, n_seq, H, L, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L, lengths", [(17, [17, 9]), (70, [70, 33])])
+def test_dropout_matches_ref_with_the_same_mask(L, lengths, dtype):
+    """Forward and backward against ref applying the kernels' mask (rebuilt in PyTorch);
+    L = 70 crosses the mask's 64-key chunks and several 16-wide tiles."""
+    torch.manual_seed(L)
+    B, H, D = 2, 2, 32
+    q, k, v = (torch.randn(B, H, L, D).to(dtype) for _ in range(3))
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    g = torch.randn(B, H, L, D).to(dtype)
+    torch.manual_seed(11)
+    seed = ref.draw_dropout_seed()
+    mult = _mult(seed, B, H, L)
+    res = {}
+    for name, cast in (("triton", None), ("ref32", torch.float32), ("reflow", None)):
+        xs = [(x.to(cast) if cast else x).clone().requires_grad_() for x in (q, k, v)]
+        if name == "triton":
+            torch.manual_seed(11)  # the wrapper draws the same seed
+            out = ops.attention(*xs, mask, dropout_p=P_DROP, backend="triton")
+        else:
+            out = ref.attention(*xs, mask, dropout_mult=mult)
+        res[name] = (out.detach(), *torch.autograd.grad(out, xs, g.to(out.dtype)))
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        assert_close_to_ref(res["triton"][i], res["ref32"][i], res["reflow"][i], dtype,
+                            f"dropout {what} {dtype} L={L}")
+    pad = ~mask[:, None, :, None]
+    for t in res["triton"]:
+        assert t.masked_select(pad).abs().max() == 0  # padded rows: zero, no gradient
+
+
+def test_dropout_same_seed_same_output_and_new_draws_differ():
+    torch.manual_seed(12)
+    q, k, v = (torch.randn(2, 2, 17, 32) for _ in range(3))
+    lens = torch.tensor([17, 5], dtype=torch.int32)
+    a, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, lens, 17, False, P_DROP, 42)
+    b, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, lens, 17, False, P_DROP, 42)
+    c, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, lens, 17, False, P_DROP, 43)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    state = torch.get_rng_state()
+    ops.attention(q, k, v, dropout_p=0.0, backend="triton")
+    assert torch.equal(torch.get_rng_state(), state), "no seed is drawn without dropout"
+
+
+def test_dropout_drops_p_of_the_real_weights():
+    """q = k = 0 and V = I: the output is P' (uniform P over the real keys)."""
+    B, H, L, p = 3, 4, 32, 0.25
+    lengths = [32, 20, 1]
+    q = torch.zeros(B, H, L, L)
+    v = torch.eye(L).expand(B, H, L, L).contiguous()
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    torch.manual_seed(13)
+    out = ops.attention(q, q, v, mask, dropout_p=p, backend="triton")
+    real = (mask[:, None, :, None] & mask[:, None, None, :]).expand_as(out)
+    assert out[~real].abs().max() == 0
+    n = torch.tensor(lengths, dtype=torch.float32)[:, None, None, None].expand_as(out)
+    vals = (out * n * (1 - p))[real]
+    kept = vals != 0
+    torch.testing.assert_close(vals[kept], torch.ones_like(vals[kept]))
+    frac = 1.0 - kept.float().mean().item()
+    assert abs(frac - p) < 5 * (p * (1 - p) / kept.numel()) ** 0.5, frac
+
+
+def test_dropout_is_unbiased():
+    """E[out] over seeds is the output without dropout, within 5 standard errors."""
+    torch.manual_seed(14)
+    q, k, v = (torch.randn(1, 1, 6, 32) for _ in range(3))
+    lens = torch.tensor([6], dtype=torch.int32)
+    want, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, lens, 6, False)
+    samples = torch.stack([torch.ops.smarter_fast_triton.attention_fwd(
+        q, k, v, lens, 6, False, 0.3, seed)[0] for seed in range(300)])
+    mean, sem = samples.mean(0), samples.std(0) / 300 ** 0.5
+    assert ((mean - want).abs() <= 5 * sem + 1e-6).all(), (mean - want).abs().max()
+
+
+def test_dropout_varlen_matches_padded_and_cpp():
+    """Packed and padded inputs get the same mask for a seed (it keys on positions in the
+    sequence), and so does the cpp kernel (the same Philox stream)."""
+    torch.manual_seed(15)
+    lengths = [5, 1, 17, 3]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    T, H, D, L = int(cu[-1]), 2, 32, max(lengths)
+    q, k, v = (torch.randn(T, H, D, requires_grad=True) for _ in range(3))
+    out, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, cu, L, True, P_DROP, 7)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    batch, position, _ = ref.pack_index(cu, L)
+
+    def pad(x):
+        y = x.new_zeros(len(lengths), L, H, D)
+        y[batch, position] = x.detach()
+        return y.transpose(1, 2).requires_grad_()
+
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    out_p, _ = torch.ops.smarter_fast_triton.attention_fwd(qp, kp, vp, lens, L, False, P_DROP, 7)
+    gp = g.new_zeros(len(lengths), L, H, D)
+    gp[batch, position] = g
+    grads_p = torch.autograd.grad(out_p, (qp, kp, vp), gp.transpose(1, 2))
+    unpad = lambda x: x.transpose(1, 2)[batch, position]  # noqa: E731
+    torch.testing.assert_close(unpad(out_p), out, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads_p, grads):
+        torch.testing.assert_close(unpad(a), b, atol=1e-6, rtol=1e-5)
+    mask = torch.arange(L)[None, :] < lens[:, None]
+    want = ref.attention(qp.detach(), kp.detach(), vp.detach(), mask,
+                         dropout_mult=_mult(7, len(lengths), H, L))
+    torch.testing.assert_close(out, unpad(want), atol=2e-5, rtol=2e-5)
+    if ops.OPS["attention_varlen"].backends["cpp"].is_available():
+        cpp_out, _ = torch.ops.smarter_fast.attention_varlen_fwd(q, k, v, cu, L, P_DROP, 7)
+        torch.testing.assert_close(out, cpp_out, atol=2e-5, rtol=2e-5)
+
+
+def test_dropout_opcheck_in_interpreter():
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    q, k, v = (torch.randn(2, 3, 17, 32, requires_grad=True) for _ in range(3))
+    lens = torch.tensor([17, 9], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.smarter_fast_triton.attention_fwd.default,
+                          (q, k, v, lens, 17, False, P_DROP, 123), test_utils=utils)
+    qp, kp, vp = (torch.randn(26, 3, 32, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 17, 26], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.smarter_fast_triton.attention_fwd.default,
+                          (qp, kp, vp, cu, 17, True, P_DROP, 124), test_utils=utils)

@@ -20,7 +20,15 @@ What the kernels do (issue 6):
 - Autotuned per (length bucket, head_dim, dtype), with few configs; set
   SMARTER_FAST_TRITON_AUTOTUNE=0 for a fixed heuristic config (fast start-up, used by tests).
 - fp32 (IEEE unless torch's float32 matmul precision allows TF32), bf16, fp16, with fp32
-  accumulation. Attention dropout is not supported (a reason, so dispatch falls back).
+  accumulation.
+- Attention dropout (dropout_p > 0): inverted dropout on the probabilities, P' = P * keep /
+  (1 - p), with a mask that is never stored: keep for query i and key j (positions in the
+  sequence) comes from tl.philox(seed, counter = (16 (j // 64) + j % 16, i, head, sequence)),
+  word (j // 16) % 4, kept when its top 24 bits are >= round(p * 2^24): the same stream as the
+  cpp kernels (csrc/kernels/attention_impl.h) and ref.dropout_keep_mask, so the three agree
+  on the mask for a seed. The backward regenerates it. The seed comes from torch's default
+  generator (ref.draw_dropout_seed), only when dropout_p > 0. Philox runs per element here
+  (4 words per call, one used): simple, and cheap beside the tile's loads on a GPU.
 
 Registered as torch.library.triton_ops `smarter_fast_triton::attention_fwd` / `attention_bwd`
 with register_autograd; under TRITON_INTERPRET=1 they run on CPU tensors in Triton's
@@ -36,6 +44,7 @@ import weakref
 import torch
 
 from ..registry import triton_availability, triton_interpret
+from .ref import draw_dropout_seed, dropout_threshold
 
 try:  # the package imports (and reports why) without Triton
     import triton
@@ -83,8 +92,6 @@ def availability():
 
 def check(q, k, v, dropout_p=0.0, **_):
     reasons = []
-    if dropout_p and dropout_p > 0.0:
-        reasons.append("attention dropout not supported")
     if q.shape[-1] not in HEAD_DIMS:
         reasons.append(f"head_dim {q.shape[-1]} not in {'/'.join(map(str, HEAD_DIMS))}")
     if q.numel() >= 2**31:
@@ -133,13 +140,26 @@ if TRITON_ERROR is None:
             return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
+    def _dropout_mult(seed, seq, head, rows, cols, thresh, scale):
+        """keep / (1 - p) or 0 for query positions `rows` and key positions `cols` (int32,
+        broadcast to one 2-D shape) of sequence `seq`, head `head`: the kernels' Philox mask."""
+        zero = rows * 0 + cols * 0
+        c0 = (cols // 64) * 16 + cols % 16 + zero
+        w = (cols // 16) % 4 + zero
+        r0, r1, r2, r3 = tl.philox(seed, c0, rows + zero, zero + head.to(tl.int32),
+                                   zero + seq.to(tl.int32))
+        r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+        keep = (r >> 8).to(tl.int32) >= thresh
+        return tl.where(keep, scale, 0.0)
+
+    @triton.jit
     def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ,
                          sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                          so_b, so_h, so_l, slse_b, slse_h,
-                         n_heads, L_pad, qk_scale, L_BUCKET,
+                         n_heads, L_pad, qk_scale, L_BUCKET, seed, drop_thresh, drop_scale,
                          VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                         DOT_F32: tl.constexpr):
+                         DOT_F32: tl.constexpr, DROPOUT: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // n_heads).to(tl.int64)
@@ -182,6 +202,9 @@ if TRITON_ERROR is None:
                 l_i = l_i * alpha + tl.sum(p, 1)
                 vt = tl.load(v_base + (start + offs_n)[:, None] * sv_l + offs_d[None, :],
                              mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+                if DROPOUT:  # l_i sums the undropped P; only P V sees the mask
+                    p = p * _dropout_mult(seed, b, h, offs_m[:, None], offs_n[None, :],
+                                          drop_thresh, drop_scale)
                 acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, PRECISION, DOT_F32)
                 m_i = m_new
             acc = acc / l_i[:, None]
@@ -195,9 +218,11 @@ if TRITON_ERROR is None:
                          so_b, so_h, so_l, sdo_b, sdo_h, sdo_l,
                          sdq_b, sdq_h, sdq_l, sdk_b, sdk_h, sdk_l, sdv_b, sdv_h, sdv_l,
                          slse_b, slse_h,
-                         n_heads, L_pad, sm_scale, qk_scale, L_BUCKET,
+                         n_heads, L_pad, sm_scale, qk_scale, L_BUCKET, seed, drop_thresh,
+                         drop_scale,
                          VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                         PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+                         PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+                         DROPOUT: tl.constexpr):
         pid = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // n_heads).to(tl.int64)
@@ -252,8 +277,14 @@ if TRITON_ERROR is None:
                 st = _dot(k, qt, PRECISION, DOT_F32) * qk_scale  # (N, M)
                 pt = tl.exp2(st - lse[None, :])
                 pt = tl.where(ok_t[:, None] & ok_m[None, :], pt, 0.0)
-                dv += _dot(pt.to(do.dtype), do, PRECISION, DOT_F32)
                 dpt = _dot(v, tl.trans(do), PRECISION, DOT_F32)  # (N, M)
+                if DROPOUT:  # dV = P'^T dO; dP = dP' * M (key tile rows, query columns)
+                    mt = _dropout_mult(seed, b, h, offs_m[None, :], offs_t[:, None],
+                                       drop_thresh, drop_scale)
+                    dv += _dot((pt * mt).to(do.dtype), do, PRECISION, DOT_F32)
+                    dpt = dpt * mt
+                else:
+                    dv += _dot(pt.to(do.dtype), do, PRECISION, DOT_F32)
                 dst = pt * (dpt - delta[None, :])
                 dk += _dot(dst.to(qt.dtype), tl.trans(qt), PRECISION, DOT_F32)
             tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=store_t[:, None])
@@ -281,6 +312,9 @@ if TRITON_ERROR is None:
                 p = tl.exp2(s - lse[:, None])
                 p = tl.where(ok_t[:, None] & ok_n[None, :], p, 0.0)
                 dp = _dot(do, vt, PRECISION, DOT_F32)
+                if DROPOUT:
+                    dp = dp * _dropout_mult(seed, b, h, offs_t[:, None], offs_n[None, :],
+                                            drop_thresh, drop_scale)
                 ds = p * (dp - delta[:, None])
                 dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, DOT_F32)
             tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=store_t[:, None])
@@ -289,6 +323,14 @@ if TRITON_ERROR is None:
                                       key=["L_BUCKET", "HEAD_DIM", "VARLEN"])(_attn_fwd_kernel)
     _attn_bwd_tuned = triton.autotune(configs=_bwd_configs(),
                                       key=["L_BUCKET", "HEAD_DIM", "VARLEN"])(_attn_bwd_kernel)
+
+    def _dropout_args(dropout_p, seed):
+        """(seed, threshold, scale) kernel arguments: keys are kept when the top 24 bits of
+        their Philox word are >= threshold, and then weigh scale = 1 / (1 - p)."""
+        if not 0.0 <= dropout_p <= 1.0:
+            raise ValueError(f"attention (triton): dropout_p must be in [0, 1], got {dropout_p}")
+        scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+        return int(seed), dropout_threshold(dropout_p), scale
 
     def _strides3(t, varlen):
         """(batch, head, row) strides: padded (B, h, L, D); packed (T, h, D) has no batch."""
@@ -315,7 +357,8 @@ if TRITON_ERROR is None:
 
     @triton_op("smarter_fast_triton::attention_fwd", mutates_args=())
     def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor,
-                          max_seqlen: int, varlen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                          max_seqlen: int, varlen: bool, dropout_p: float = 0.0,
+                          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         n_seq, heads, dim, l_pad = _geometry(q, seq, max_seqlen, varlen)
         out = _empty_like_qkv(q, varlen)
@@ -334,9 +377,9 @@ if TRITON_ERROR is None:
         qk_scale = _LOG2E / math.sqrt(dim)
         args = (q, k, v, out, lse, seq, *_strides3(q, varlen), *_strides3(k, varlen),
                 *_strides3(v, varlen), *_strides3(out, varlen), slse_b, slse_h,
-                heads, l_pad, qk_scale, bucket)
+                heads, l_pad, qk_scale, bucket, *_dropout_args(dropout_p, seed))
         meta = dict(VARLEN=bool(varlen), HEAD_DIM=dim, PRECISION=_dot_precision(q.dtype),
-                    DOT_F32=triton_interpret())
+                    DOT_F32=triton_interpret(), DROPOUT=dropout_p > 0.0)
         if triton_interpret():
             bm, bn = INTERPRET_CONFIG["BLOCK_M"], INTERPRET_CONFIG["BLOCK_N"]
             wrap_triton((_attn_fwd_kernel))[(triton.cdiv(rows, bm), n_seq * heads)](
@@ -355,8 +398,9 @@ if TRITON_ERROR is None:
     @triton_op("smarter_fast_triton::attention_bwd", mutates_args=())
     def _attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                           v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          seq: torch.Tensor, max_seqlen: int,
-                          varlen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          seq: torch.Tensor, max_seqlen: int, varlen: bool,
+                          dropout_p: float = 0.0,
+                          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
         out, do = _last_dim_contiguous(out), _last_dim_contiguous(grad_out)
         n_seq, heads, dim, l_pad = _geometry(q, seq, max_seqlen, varlen)
@@ -376,9 +420,10 @@ if TRITON_ERROR is None:
                 *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen),
                 *_strides3(out, varlen), *_strides3(do, varlen), *_strides3(dq, varlen),
                 *_strides3(dk, varlen), *_strides3(dv, varlen), slse_b, slse_h,
-                heads, l_pad, sm_scale, sm_scale * _LOG2E, bucket)
+                heads, l_pad, sm_scale, sm_scale * _LOG2E, bucket,
+                *_dropout_args(dropout_p, seed))
         meta = dict(VARLEN=bool(varlen), HEAD_DIM=dim, PRECISION=_dot_precision(q.dtype),
-                    DOT_F32=triton_interpret())
+                    DOT_F32=triton_interpret(), DROPOUT=dropout_p > 0.0)
         if triton_interpret():
             blk = INTERPRET_CONFIG["BLOCK"]
             wrap_triton((_attn_bwd_kernel))[(triton.cdiv(rows, blk), n_seq * heads)](
@@ -393,17 +438,20 @@ if TRITON_ERROR is None:
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, seq, max_seqlen, varlen = inputs
+        inputs = tuple(inputs)
+        q, k, v, seq, max_seqlen, varlen, dropout_p, seed = inputs + (0.0, 0)[len(inputs) - 6:]
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, seq)
         ctx.max_seqlen, ctx.varlen = max_seqlen, varlen
+        ctx.dropout_p, ctx.seed = dropout_p, seed
         ctx.mark_non_differentiable(lse)
 
     def _backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, seq = ctx.saved_tensors
         dq, dk, dv = torch.ops.smarter_fast_triton.attention_bwd(
-            grad_out, q, k, v, out, lse, seq, ctx.max_seqlen, ctx.varlen)
-        return dq, dk, dv, None, None, None
+            grad_out, q, k, v, out, lse, seq, ctx.max_seqlen, ctx.varlen, ctx.dropout_p,
+            ctx.seed)
+        return dq, dk, dv, None, None, None, None, None
 
     _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -446,20 +494,23 @@ def lengths_from_mask(attention_mask, batch: int, length: int, device) -> torch.
 
 # ---- entry points the registry calls ------------------------------------------------------
 
+def _dropout(dropout_p):
+    """Extra op arguments: none without dropout, else (p, a seed from torch's generator)."""
+    return (float(dropout_p), draw_dropout_seed()) if dropout_p > 0.0 else ()
+
+
 def attention(q, k, v, attention_mask=None, dropout_p=0.0):
     """q, k, v: (B, heads, L, D); attention_mask (B, L), right padding, nonzero = real."""
-    if dropout_p > 0.0:
-        raise ValueError("attention (triton): attention dropout not supported")
     B, _, L, _ = q.shape
     lens = lengths_from_mask(attention_mask, B, L, q.device)
-    out, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, lens, L, False)
+    out, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, lens, L, False,
+                                                         *_dropout(dropout_p))
     return out
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
     """q, k, v: (T, heads, D) packed; cu_seqlens (B + 1,) offsets; max_seqlen the longest."""
-    if dropout_p > 0.0:
-        raise ValueError("attention (triton): attention dropout not supported")
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
-    out, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, cu, int(max_seqlen), True)
+    out, _ = torch.ops.smarter_fast_triton.attention_fwd(q, k, v, cu, int(max_seqlen), True,
+                                                         *_dropout(dropout_p))
     return out
