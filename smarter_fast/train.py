@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("SMART")
     s.add_argument("--smart", choices=SMART_MODES, default="off",
                    help="simple: the report's Algorithm 1 (noise on the embeddings); "
-                        "full (adversarial) is not implemented yet (a later issue)")
+                        "full: adversarial SMART (Jiang et al.; --smart-full-* flags)")
     s.add_argument("--smart-sigma", type=_float("--smart-sigma", 0.0), default=0.05,
                    help="standard deviation of the embedding noise")
     s.add_argument("--smart-lambda", type=_float("--smart-lambda", 0.0), default=10.0,
@@ -158,15 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="malformed data rows are errors (file, line, field) instead of skipped")
     r.add_argument("--num-threads", type=_positive_int("--num-threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
+    from . import beyond
+    beyond.add_args(p)  # full SMART, LR schedules, layer decay, gradient surgery
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.smart == "full":
-        p.error("--smart full (adversarial SMART with Bregman proximal point) is not implemented "
-                "yet; it comes in a later issue. Use --smart simple or --smart off.")
+    from . import beyond
+    beyond.check_args(args, p.error)
     if args.max_length < 8:
         p.error(f"--max-length must be >= 8, got {args.max_length}")
     if args.max_length > 512:
@@ -258,7 +259,8 @@ def _to(batch: dict, device) -> dict:
 
 
 def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: int, args,
-                device, global_step: int, epoch_label: str, synthetic: bool, run_state=None):
+                device, global_step: int, epoch_label: str, synthetic: bool, run_state=None,
+                extras=None):
     """One epoch; returns (stats dict, new global_step).
 
     With a `run_state` (smarter_fast.state.RunState) the epoch may start mid-way (resume), steps
@@ -268,6 +270,9 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
     from tqdm import tqdm
     from .distributed import all_reduce_sum, is_main, shard
     from .state import RunState
+    if extras is not None and extras.surgery is not None:  # one batch of every task per step
+        return extras.surgery_epoch(model, optimizer, schedule, train_data, epoch, args, device,
+                                    global_step, epoch_label, synthetic, _to)
     rs = run_state if run_state is not None else RunState(model, optimizer, args=args)
     steps = schedule.epoch_steps(epoch)
     total_examples = sum(len(ix) for _, ix in steps)
@@ -293,7 +298,9 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
 
                 def compute(m, task=task, batch=batch):
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                        if args.smart == "simple":
+                        if extras is not None:  # off | simple | full (smarter_fast.beyond)
+                            total, loss, term = extras.step_loss(m, task, batch, global_step)
+                        elif args.smart == "simple":
                             total, loss, term, _ = smart_simple_loss(
                                 m, task, batch, args.smart_sigma, args.smart_lambda,
                                 step_seed(args.seed, global_step), backend=args.backend)
@@ -309,7 +316,11 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                                      f"epoch {epoch_label}, step {position + 1}/{len(steps)} "
                                      f"(global step {global_step + 1}, {task})")
                 if not skip:
+                    if extras is not None:
+                        extras.before_step(global_step)  # LR schedule
                     optimizer.step()
+                    if extras is not None:
+                        extras.after_step(model)  # EMA teacher
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 n = len(indices) if weight > 0 else 0
@@ -416,7 +427,7 @@ def run(args) -> int:
     parts = resolve_split_parts(args.split_parts, sizes["sst"], sizes["quora"])
     schedule = Schedule(args.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
                         args.batch_size * dist.world(),  # global batch; each rank trains its shard
-                        seed=args.seed, parts=parts, interleave=args.interleave)
+                        seed=args.seed, parts=parts, interleave=args.interleave, epochs=args.epochs)
     part_note = f", {parts} parts" if args.schedule != "baseline" else ""
     per_epoch = schedule.epoch_counts(0)
     print(f"train: sst {sizes['sst']}, quora {sizes['quora']}, sts {sizes['sts']} examples; "
@@ -429,7 +440,12 @@ def run(args) -> int:
     model = MultitaskBert.from_pretrained(resume_dir if resume_dir is not None else args.pretrained,
                                           dropout=args.dropout, backend=args.backend)
     model.to(device).train()
-    optimizer = AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, backend=args.backend)
+    from . import beyond
+    optimizer = AdamW(beyond.optimizer_params(model, args), lr=args.lr, weight_decay=args.weight_decay,
+                      backend=args.backend)
+    extras = beyond.Extras(args, model, optimizer, schedule)
+    if extras.describe():
+        print(f"options: {extras.describe()}", flush=True)
 
     start_epoch, global_step, best = 0, 0, {"mean_score": -math.inf, "epoch": None}
     metrics_path = out_dir / "metrics.jsonl"
@@ -476,7 +492,8 @@ def run(args) -> int:
     for epoch in range(start_epoch, args.epochs):
         label = f"{epoch + 1}/{args.epochs}"
         stats, global_step = train_epoch(model, optimizer, schedule, train_data, epoch, args,
-                                         device, global_step, label, synthetic, run_state=rs)
+                                         device, global_step, label, synthetic, run_state=rs,
+                                         extras=extras)
         if not main_rank:  # rank 0 evaluates, writes and saves; the others wait
             rs.trainer_state(epoch + 1, 0, global_step)  # (collective: RNG states for the checkpoint)
             dist.barrier()

@@ -116,7 +116,8 @@ def test_resume_without_checkpoint_starts_afresh(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--smart", "full"], "not implemented yet"),
+    (["--smart", "full", "--smart-full-steps", "0"], "--smart-full-steps must be >= 1"),
+    (["--layer-decay", "1.5"], "--layer-decay must be"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--split-parts", "x"], "--split-parts must be"),
     (["--dropout", "1.5"], "--dropout must be"),

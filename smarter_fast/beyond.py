@@ -1,0 +1,217 @@
+"""Wiring of the "beyond the report" options into `python -m smarter_fast.train`.
+
+- `add_args(parser)` / `check_args(args, error)`: the flags of full SMART, the LR schedules,
+  layer-wise LR decay and gradient surgery (the samplers are `--schedule` values).
+- `Extras` (built once per run): the optimizer's parameter groups (layer-wise decay), the LR
+  schedule (`before_step`), the EMA teacher of the Bregman proximal point (`after_step`), the loss
+  of a batch under --smart off | simple | full (`step_loss`) and the gradient-surgery epoch
+  (`surgery_epoch`: one batch of every task per step, see smarter_fast.surgery and the schedules'
+  `group_steps`).
+
+Not saved in checkpoints (a resumed run rebuilds them): the EMA teacher (restarts from the
+resumed weights) and GradVac's target similarities (restart at 0). The LR schedule is a pure
+function of the global step, so it resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+
+from .data.schedules import TASK_ORDER
+from .losses import task_loss
+from .lr_schedule import LR_SCHEDULES, LRSchedule, param_groups, warmup_steps
+from .smart import EmaTeacher, smart_full_loss, smart_simple_loss, step_seed, task_forward
+from .surgery import SURGERIES, GradientSurgery
+
+
+def add_args(p) -> None:
+    s = p.add_argument_group("full SMART (--smart full; Jiang et al. 2019, as in mt-dnn)")
+    s.add_argument("--smart-full-sigma", type=float, default=1e-5,
+                   help="std of the initial random perturbation of the embedding output")
+    s.add_argument("--smart-full-eta", type=float, default=1e-3, help="ascent step size")
+    s.add_argument("--smart-full-steps", type=int, default=1, help="ascent steps K")
+    s.add_argument("--smart-full-lambda", type=float, default=1.0, help="weight of the adversarial term")
+    s.add_argument("--smart-full-epsilon", type=float, default=None,
+                   help="project the perturbation onto the L-inf ball of this radius (the paper's "
+                        "projected ascent, e.g. 1e-5); default: mt-dnn's per-token L-inf normalised step")
+    s.add_argument("--smart-full-keep-dropout", action="store_true",
+                   help="keep dropout on in the adversarial passes (default: off)")
+    s.add_argument("--smart-full-bregman", action="store_true",
+                   help="add the momentum Bregman proximal point term (EMA teacher)")
+    s.add_argument("--smart-full-beta", type=float, default=0.995, help="EMA rate of the teacher")
+    s.add_argument("--smart-full-mu", type=float, default=1.0, help="weight of the Bregman term")
+    o = p.add_argument_group("learning-rate schedule and gradient surgery")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="after the warm-up: constant, linear decay to 0 or cosine decay to 0")
+    o.add_argument("--warmup-ratio", type=float, default=0.0,
+                   help="linear warm-up over this fraction of all training steps")
+    o.add_argument("--warmup-steps", type=int, default=None, help="warm-up steps (overrides the ratio)")
+    o.add_argument("--layer-decay", type=float, default=1.0,
+                   help="layer-wise LR decay: layer i of n gets lr * decay^(n - i), embeddings "
+                        "decay^(n + 1), heads lr")
+    o.add_argument("--grad-surgery", choices=SURGERIES, default="off",
+                   help="pcgrad | gradvac on the shared encoder (heads excluded); every step then "
+                        "takes one batch of every task")
+
+
+def check_args(args, error) -> None:
+    if args.smart_full_sigma < 0 or args.smart_full_eta <= 0 or args.smart_full_lambda < 0:
+        error("--smart-full-sigma/-lambda must be >= 0 and --smart-full-eta > 0")
+    if args.smart_full_steps < 1:
+        error(f"--smart-full-steps must be >= 1, got {args.smart_full_steps}")
+    if args.smart_full_epsilon is not None and args.smart_full_epsilon <= 0:
+        error("--smart-full-epsilon must be > 0")
+    if not 0 <= args.smart_full_beta < 1 or args.smart_full_mu < 0:
+        error("--smart-full-beta must be in [0, 1) and --smart-full-mu >= 0")
+    if not 0 <= args.warmup_ratio < 1:
+        error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        error("--warmup-steps must be >= 0")
+    if not 0 < args.layer_decay <= 1:
+        error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+
+
+def optimizer_params(model, args):
+    """Parameters (or groups, with --layer-decay < 1) for the optimizer."""
+    if getattr(args, "layer_decay", 1.0) == 1.0:
+        return model.parameters()
+    return param_groups(model, args.lr, args.layer_decay, args.weight_decay)
+
+
+class Extras:
+    def __init__(self, args, model, optimizer, schedule):
+        self.args = args
+        self.surgery = (GradientSurgery(model, TASK_ORDER, args.grad_surgery, seed=args.seed)
+                        if getattr(args, "grad_surgery", "off") != "off" else None)
+        steps_per_epoch = [len(schedule.group_steps(e)) if self.surgery else len(schedule.epoch_steps(e))
+                           for e in range(args.epochs)]
+        self.total_steps = sum(steps_per_epoch)
+        kind = getattr(args, "lr_schedule", "constant")
+        warm = warmup_steps(self.total_steps, getattr(args, "warmup_ratio", 0.0), getattr(args, "warmup_steps", None))
+        self.lr = LRSchedule(optimizer, self.total_steps, warm, kind) if (kind != "constant" or warm) else None
+        self.teacher = (EmaTeacher(model, args.smart_full_beta)
+                        if args.smart == "full" and getattr(args, "smart_full_bregman", False) else None)
+
+    def describe(self) -> str:
+        a = self.args
+        parts = []
+        if a.smart == "full":
+            parts.append(f"full SMART sigma {a.smart_full_sigma:g} eta {a.smart_full_eta:g} K {a.smart_full_steps} "
+                         f"lambda {a.smart_full_lambda:g} "
+                         + (f"epsilon-ball {a.smart_full_epsilon:g}" if a.smart_full_epsilon else "L-inf step")
+                         + (" bregman" if self.teacher else ""))
+        if self.lr is not None:
+            parts.append(f"lr {self.lr.kind}, warm-up {self.lr.warmup} of {self.total_steps} steps")
+        if a.layer_decay != 1.0:
+            parts.append(f"layer decay {a.layer_decay:g}")
+        if self.surgery:
+            parts.append(f"gradient surgery {a.grad_surgery}")
+        return "; ".join(parts)
+
+    # -- per step ------------------------------------------------------------------------------
+    def before_step(self, global_step: int) -> None:
+        if self.lr is not None:
+            self.lr.apply(global_step)
+
+    def after_step(self, model) -> None:
+        if self.teacher is not None:
+            self.teacher.update(model)
+
+    def step_loss(self, model, task, batch, global_step):
+        """(total, task loss, SMART term or None) of one batch under the run's --smart."""
+        a = self.args
+        if a.smart == "simple":
+            total, loss, term, _ = smart_simple_loss(model, task, batch, a.smart_sigma, a.smart_lambda,
+                                                     step_seed(a.seed, global_step), backend=a.backend)
+        elif a.smart == "full":
+            total, loss, term, _ = smart_full_loss(
+                model, task, batch, sigma=a.smart_full_sigma, eta=a.smart_full_eta,
+                steps=a.smart_full_steps, lam=a.smart_full_lambda, epsilon=a.smart_full_epsilon,
+                keep_dropout=a.smart_full_keep_dropout, seed=step_seed(a.seed, global_step),
+                teacher=self.teacher, mu=a.smart_full_mu)
+        else:
+            out = task_forward(model, task, batch)
+            loss = task_loss(task, out, batch["labels"])
+            total, term = loss, None
+        return total, loss, term
+
+    # -- gradient surgery epoch -----------------------------------------------------------------
+    def surgery_epoch(self, model, optimizer, schedule, train_data, epoch, args, device, global_step,
+                      epoch_label, synthetic, to_device):
+        """One epoch of gradient-surgery steps; returns (stats, global_step) like train_epoch."""
+        from tqdm import tqdm
+        groups = schedule.group_steps(epoch)
+        sums = {t: 0.0 for t in TASK_ORDER}
+        counts = {t: 0 for t in TASK_ORDER}
+        smart_sum, smart_n, seen, skipped = 0.0, 0, 0, 0
+        cos_sum, cos_n = 0.0, 0
+        autocast = args.precision == "bf16"
+        model.train()
+        torch.manual_seed(step_seed(args.seed, 10_000_019 + epoch))
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(groups), desc=f"epoch {epoch_label} ({args.grad_surgery})"
+                   + (" [SYNTHETIC]" if synthetic else ""), unit="step", dynamic_ncols=True,
+                   mininterval=1.0, leave=False, file=sys.stderr)
+        try:
+            for gi, group in enumerate(groups):
+                weights = schedule.task_weights(epoch, gi)
+                values, ok = {}, True
+                for task, indices in group.items():
+                    batch = to_device(train_data[task].batch(indices), device)
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                        total, loss, term = self.step_loss(model, task, batch, global_step)
+                    (total * weights[task]).backward()  # one task's graph at a time
+                    self.surgery.collect(task)
+                    v = float(loss.detach())
+                    ok = ok and math.isfinite(v) and math.isfinite(float(total.detach()))
+                    values[task] = (v, len(indices), None if term is None else float(term.detach()))
+                if ok:
+                    self.surgery.combine(list(group))
+                    ok = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+                if ok:
+                    c = self.surgery.last_cosines
+                    if c is not None and c.shape[0] > 1:
+                        off = c[~torch.eye(c.shape[0], dtype=torch.bool)]
+                        cos_sum += float(off.mean())
+                        cos_n += 1
+                    self.before_step(global_step)
+                    optimizer.step()
+                    self.after_step(model)
+                    for task, (v, n, term) in values.items():
+                        sums[task] += v * n
+                        counts[task] += n
+                        seen += n
+                        if term is not None:
+                            smart_sum += term * n
+                            smart_n += n
+                else:
+                    skipped += 1
+                    if skipped > getattr(args, "max_nonfinite", 5):
+                        raise FloatingPointError(f"non-finite loss or gradient at epoch {epoch_label}, "
+                                                 f"global step {global_step + 1}; try a lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                bar.update(1)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        stats = {
+            "train_seconds": seconds,
+            "train_examples": seen,
+            "examples_per_second": seen / seconds if seconds > 0 else 0.0,
+            "steps": len(groups),
+            **{f"train_examples_{t}": counts[t] for t in TASK_ORDER},
+            **{f"train_loss_{t}": (sums[t] / counts[t] if counts[t] else None) for t in TASK_ORDER},
+            "smart_term": smart_sum / smart_n if smart_n else None,
+            "nonfinite_skipped": skipped,
+            "grad_surgery": args.grad_surgery,
+            "task_grad_cosine": cos_sum / cos_n if cos_n else None,
+        }
+        return stats, global_step
+
+
+__all__ = ["add_args", "check_args", "optimizer_params", "Extras"]
