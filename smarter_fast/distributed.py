@@ -149,7 +149,7 @@ def wrap(model: torch.nn.Module, device):
         return lambda fn, *a, **k: fn(model, *a, **k)
     from torch.nn.parallel import DistributedDataParallel as DDP
     ddp = DDP(CallModule(model), device_ids=[device.index] if device.type == "cuda" else None,
-              find_unused_parameters=True, gradient_as_bucket_view=False, broadcast_buffers=False)
+              find_unused_parameters=True, gradient_as_bucket_view=False)
     return ddp
 
 

@@ -181,6 +181,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.pretrained is not None and not Path(args.pretrained).is_dir():
         p.error(f"--pretrained {args.pretrained}: directory not found (expected a Hugging Face "
                 f"BERT directory with config.json, model.safetensors and vocab.txt)")
+    if args.pretrained is not None:
+        from .validation import check_pretrained_dir
+        problem = check_pretrained_dir(args.pretrained)
+        if problem:
+            p.error(problem)
     return args
 
 
@@ -268,7 +273,7 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
     steps and on SIGINT/SIGTERM, and under torchrun each rank trains its shard of every global
     batch (smarter_fast.distributed)."""
     from tqdm import tqdm
-    from .distributed import all_reduce_sum, is_main, shard
+    from .distributed import all_reduce_sum, is_main, shard, world
     from .state import RunState
     if extras is not None and extras.surgery is not None:  # one batch of every task per step
         return extras.surgery_epoch(model, optimizer, schedule, train_data, epoch, args, device,
@@ -336,7 +341,7 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                 bar.update(len(global_indices))
                 elapsed = time.perf_counter() - t0
                 if running is not None:
-                    bar.set_postfix_str(f"{task} loss {running:.3f}, {p['seen'] / max(elapsed, 1e-9):.1f} ex/s",
+                    bar.set_postfix_str(f"{task} loss {running:.3f}, {p['seen'] * world() / max(elapsed, 1e-9):.1f} ex/s",
                                         refresh=False)
                 p_now = {**p, "seconds": p["seconds"] + time.perf_counter() - t0}
                 rs.after_step(epoch, position + 1, len(steps), global_step, p_now)
@@ -437,8 +442,15 @@ def run(args) -> int:
           flush=True)
 
     # Model and optimizer (from the last checkpoint when resuming).
-    model = MultitaskBert.from_pretrained(resume_dir if resume_dir is not None else args.pretrained,
-                                          dropout=args.dropout, backend=args.backend)
+    try:
+        model = MultitaskBert.from_pretrained(resume_dir if resume_dir is not None else args.pretrained,
+                                              dropout=args.dropout, backend=args.backend)
+    except Exception as e:  # corrupt or foreign checkpoint (safetensors, torch.load, shapes)
+        from .ops import BackendUnavailableError
+        if isinstance(e, (BackendUnavailableError, ModuleNotFoundError, MemoryError)):
+            raise
+        src = resume_dir if resume_dir is not None else (args.pretrained or "the embedded checkpoint")
+        raise UsageError(f"cannot load the checkpoint in {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.to(device).train()
     from . import beyond
     optimizer = AdamW(beyond.optimizer_params(model, args), lr=args.lr, weight_decay=args.weight_decay,

@@ -1,0 +1,85 @@
+"""Data parallel: `torchrun --nproc_per_node=2 -m smarter_fast.train` (gloo, CPU) matches a
+one-process run with the same global batch; only rank 0 writes; sharding helpers."""
+
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smarter_fast.data.demo import write_demo_data
+from smarter_fast.distributed import CallModule, shard
+from smarter_fast.model import BertConfig, BertModel, save_checkpoint
+from smarter_fast.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"sst": {"train": 30, "dev": 12, "test-student": 4},
+         "quora": {"train": 30, "dev": 12, "test-student": 4},
+         "sts": {"train": 22, "dev": 12, "test-student": 4}}
+
+
+def test_shard_splits_every_global_batch_and_weights_sum_to_world():
+    for n in range(1, 12):
+        for w in (1, 2, 3, 4):
+            parts = [shard(list(range(100, 100 + n)), r, w) for r in range(w)]
+            real = [p for p, weight in parts if weight > 0]
+            assert sorted(i for p in real for i in p) == list(range(100, 100 + n))
+            assert sum(weight for _, weight in parts) == pytest.approx(w)
+            assert all(len(p) >= 1 for p, _ in parts)  # every rank runs forward/backward
+
+
+def test_call_module_runs_any_forward():
+    lin = torch.nn.Linear(2, 1)
+    m = CallModule(lin)
+    assert torch.equal(m(lambda inner, x: inner(x) * 2, torch.ones(2)), lin(torch.ones(2)) * 2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_ddp")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab += list(string.ascii_lowercase + string.digits + ".,?!'-")
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic
+    ckpt = save_checkpoint(BertModel(cfg), root / "ckpt", cfg, vocab_file=root / "vocab.txt")
+    return ckpt, write_demo_data(root / "data", sizes=SIZES)
+
+
+def common(tiny, out, batch):
+    ckpt, data = tiny
+    return ["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out), "--epochs", "2",
+            "--batch-size", str(batch), "--eval-batch-size", "16", "--lr", "1e-3", "--max-length", "48",
+            "--num-threads", "1", "--schedule", "split1", "--split-parts", "2", "--smart", "simple"]
+
+
+def test_torchrun_two_processes_match_one_process(tiny, tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(common(tiny, one, 8)) == 0
+    capsys.readouterr()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "smarter_fast.train", *common(tiny, two, 4), "--save-every", "5"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("data: CS224N data in") == 1  # rank 1 is silent
+    a = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        assert ra["steps"] == rb["steps"] and ra["train_examples"] == rb["train_examples"]
+        # SMART noise is drawn per rank's shard (same law, other draws): close, not bitwise equal
+        for k in ("train_loss_sst", "train_loss_quora", "train_loss_sts", "smart_term"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-4), k
+        for k in ("sst_acc", "quora_acc", "sts_pearson"):
+            assert rb[k] == pytest.approx(ra[k], abs=0.1), k
+    state = json.loads((two / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert not list(two.glob("**/*rank*")) and not list((two / "checkpoints").glob(".*"))
+    assert (two / "predictions" / "sst-dev-output.csv").is_file()
