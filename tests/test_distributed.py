@@ -54,7 +54,7 @@ def tiny(tmp_path_factory):
 
 def common(tiny, out, batch):
     ckpt, data = tiny
-    return ["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out), "--epochs", "2",
+    return ["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out), "--epochs", "1",
             "--batch-size", str(batch), "--eval-batch-size", "16", "--lr", "1e-3", "--max-length", "48",
             "--num-threads", "1", "--schedule", "split1", "--split-parts", "2", "--smart", "simple"]
 
@@ -71,7 +71,7 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path, capsys):
     assert p.stdout.count("data: CS224N data in") == 1  # rank 1 is silent
     a = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert len(a) == len(b) == 2
+    assert len(a) == len(b) == 1
     for ra, rb in zip(a, b):
         assert ra["steps"] == rb["steps"] and ra["train_examples"] == rb["train_examples"]
         # SMART noise is drawn per rank's shard (same law, other draws): close, not bitwise equal
