@@ -66,7 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--train-args", default="", help="more arguments for every training run (one string)")
     p.add_argument("--subprocess", action="store_true", help="one subprocess per configuration")
+    p.add_argument("--dev-limit", type=int, default=None,
+                   help="evaluate on the first N rows of each dev file (a truncated copy of the "
+                        "data, without test files, is written to --out/_data): much faster runs; "
+                        "the metrics are then on that dev subset")
     return p
+
+
+def limited_data(src: Path, dst: Path, train_limit, dev_limit: int) -> Path:
+    """Copies of the train files (first train_limit rows) and dev files (first dev_limit rows) of
+    a CS224N directory, for quick ablations; test files are left out (they are optional)."""
+    from .data.cs224n import find_data_files
+    dst.mkdir(parents=True, exist_ok=True)
+    files = find_data_files(src)
+    for split, keep in (("train", train_limit), ("dev", dev_limit)):
+        for task_files in files.values():
+            path = Path(task_files[split])
+            with open(path, encoding="utf-8", newline="") as f:
+                lines = f.readlines()
+            if keep is not None:
+                lines = lines[:1 + keep]
+            with open(dst / path.name, "w", encoding="utf-8", newline="") as f:
+                f.write("".join(lines))
+    return dst
 
 
 def train_argv(args, extra: list[str], out: Path) -> list[str]:
@@ -233,6 +255,7 @@ def write_report(args, out: Path, names, records: dict) -> Path:
     lines = [f"# Ablation report", "",
              f"Data: `{args.data_dir}`; {args.epochs} epoch(s)"
              + (f", --limit {args.limit}" if args.limit else "")
+             + (f", --dev-limit {args.dev_limit} (dev metrics on that subset)" if args.dev_limit else "")
              + (f"; extra train arguments `{args.train_args}`" if args.train_args else "")
              + ". Dev metrics of each configuration's best epoch (by mean score); time per epoch is "
                "the training loop only (no evaluation).", "",
@@ -278,6 +301,9 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.dev_limit is not None:
+        args.data_dir = str(limited_data(Path(args.data_dir), out / "_data", args.limit, args.dev_limit))
+        print(f"data: first {args.dev_limit} dev rows per task (copy in {args.data_dir})", flush=True)
     extra = {n: a for n, _, a in CONFIGS}
     records = {}
     for name in names:

@@ -35,8 +35,9 @@ def test_ablate_tiny_end_to_end_and_restart(tiny, tmp_path, capsys):
     ckpt, data = tiny
     out = tmp_path / "abl"
     argv = ["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out), "--epochs", "1",
-            "--batch-size", "4", "--lr", "1e-3", "--max-length", "48", "--num-threads", "1"]
+            "--batch-size", "4", "--lr", "1e-3", "--max-length", "48", "--num-threads", "1", "--dev-limit", "8"]
     assert main(argv) == 0
+    assert len((out / "_data" / "ids-sst-dev.csv").read_text().splitlines()) == 9  # header + 8
     report = (out / "report.md").read_text()
     for name in NAMES:
         assert f"| {name} |" in report, name
