@@ -308,6 +308,9 @@ def main(argv=None) -> int:
     records = {}
     for name in names:
         records[name] = run_config(name, train_argv(args, extra[name], out / name), out / name, args.subprocess)
+        if records[name]["rc"] >= 128:  # the trainer was stopped by a signal (it saved): stop too
+            print(f"stopped during {name}; run again to resume", file=sys.stderr)
+            return records[name]["rc"]
     report = write_report(args, out, names, records)
     print(f"report: {report}", flush=True)
     print(report.read_text().split("\n## ")[0], flush=True)
