@@ -60,6 +60,34 @@ struct AttnSeq {
   int64_t n_pad;
 };
 
+// Fused dropout + residual + LayerNorm (csrc/kernels/layernorm_impl.h): rows of width H,
+// row-major. x, h, out, grad_out, grad_x, grad_h are fp32 or bf16 (each flagged); gamma, beta,
+// xhat (saved by the forward) and rstd (one per row) are fp32. grad_x / grad_h may be null.
+struct LnArgs {
+  int64_t H;
+  float eps;
+  const void* x;
+  bool x_bf16;
+  const void* h;
+  bool h_bf16;
+  const float* gamma;
+  const float* beta;
+  void* out;
+  bool out_bf16;
+  float* xhat;
+  float* rstd;
+  const void* grad_out;
+  bool grad_out_bf16;
+  void* grad_x;
+  bool grad_x_bf16;
+  void* grad_h;
+  bool grad_h_bf16;
+  bool dropout;
+  uint32_t threshold;  // round(p * 65536): a 16-bit draw below it drops the element
+  float scale;         // 1 / (1 - threshold / 65536)
+  uint64_t seed;
+};
+
 struct KernelTable {
   const char* name;
   // CS224N minBERT AdamW over [begin, end) of flat fp32 buffers, in place on p, m, v.
@@ -89,6 +117,15 @@ struct KernelTable {
   int64_t (*attention_mask_floats)(int64_t n);
   void (*attention_dropout_mask)(const AttnArgs& args, const AttnSeq& seq, int64_t row,
                                  int64_t n, float* mult);
+  // Fused dropout + residual + LayerNorm over rows [begin, end) with ln_workspace(H) floats of
+  // scratch; ln_bwd adds this range's sum(dy * xhat) and sum(dy) into dgamma and dbeta.
+  int64_t (*ln_workspace)(int64_t H);
+  void (*ln_fwd)(const LnArgs& args, int64_t begin, int64_t end, float* workspace);
+  void (*ln_bwd)(const LnArgs& args, int64_t begin, int64_t end, float* workspace,
+                 float* dgamma, float* dbeta);
+  // Multipliers (keep ? scale : 0) of flat elements [e0, e0 + n): for tests.
+  void (*ln_dropout_mult)(uint64_t seed, uint32_t threshold, float scale, int64_t e0, int64_t n,
+                          float* mult);
 };
 
 // Each capability TU defines its table in namespace smarter_fast::cpu::<CAPABILITY>.

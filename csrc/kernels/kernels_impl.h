@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "attention_impl.h"
+#include "layernorm_impl.h"
 #include "kernel_table.h"
 #include "philox.h"
 
@@ -114,6 +115,8 @@ const KernelTable& kernel_table() {
       noise_f32,
       attn::workspace_floats, attn::attention_fwd, attn::attention_bwd,
       attn::mask_floats,     attn::dropout_mask,
+      ln::ln_workspace,      ln::ln_fwd,           ln::ln_bwd,
+      ln::ln_dropout_mult,
   };
   return table;
 }

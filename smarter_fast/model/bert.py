@@ -120,10 +120,18 @@ class BertLayer(nn.Module):
 
     def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, backend="auto"):
         # Post-LayerNorm as in the original BERT: add the residual, then normalise.
+        # Dropout, residual add and LayerNorm are one fused op (smarter_fast.ops).
+        p = self.dropout.p if self.training else 0.0
         y = self.self_attention(x, attention_mask, cu_seqlens, max_seqlen, backend)
-        x = self.attn_norm(x + self.dropout(self.attn_out(y)))
+        x = self._add_norm(x, self.attn_out(y), self.attn_norm, p, backend)
         h = self.act(self.ffn_in(x))  # (..., I)
-        return self.ffn_norm(x + self.dropout(self.ffn_out(h)))
+        return self._add_norm(x, self.ffn_out(h), self.ffn_norm, p, backend)
+
+    @staticmethod
+    def _add_norm(x, h, norm: nn.LayerNorm, p: float, backend):
+        """norm(x + dropout(h)), fused: one pass forward, one backward, the mask not stored."""
+        return ops.dropout_add_layer_norm(x, h, norm.weight, norm.bias, norm.eps, p,
+                                          backend=backend)
 
 
 class BertModel(nn.Module):
