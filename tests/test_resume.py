@@ -107,12 +107,8 @@ def test_sigkill_at_random_moments_then_resume_matches(tiny, reference, tmp_path
 
 def test_sigterm_saves_mid_epoch_and_exits_cleanly(tiny, reference, tmp_path, capsys):
     out = tmp_path / "term"
-    proc = spawn(argv(tiny, out, "--save-every", "1000"))
-    # the first step has been taken once the process is training; wait for setup, then signal
-    t0 = time.time()
-    while not (out / "args.json").exists() and time.time() - t0 < 120:
-        time.sleep(0.01)
-    time.sleep(0.3)
+    proc = spawn(argv(tiny, out, "--save-every", "2"))
+    wait_for_mid_epoch_checkpoint(out, proc)  # training (signal handlers installed)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     if proc.returncode == 0:
