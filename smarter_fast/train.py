@@ -98,12 +98,22 @@ def _split_parts(text):
     return v
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help does not already say it and there is one to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m smarter_fast.train",
         description="Multi-task fine-tuning of BERT on SST, Quora and STS (CS224N minBERT), "
                     "with the schedules and SMART regularisation of 'SMARTer BERT'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     d = p.add_argument_group("data and model")
     d.add_argument("--data-dir", default=None,
                    help="CS224N data directory (ids-sst-*.csv, quora-*.csv, sts-*.csv); default: "
@@ -115,14 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-length", type=_positive_int("--max-length"), default=128,
                    help="truncate encoded sequences to this many tokens")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive_int("--epochs"), default=10)
+    t.add_argument("--epochs", type=_positive_int("--epochs"), default=10,
+                   help="training epochs")
     t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
                    help="training batch size (per process)")
-    t.add_argument("--eval-batch-size", type=_positive_int("--eval-batch-size"), default=64)
+    t.add_argument("--eval-batch-size", type=_positive_int("--eval-batch-size"), default=64,
+                   help="batch size for dev and test evaluation")
     t.add_argument("--lr", type=_float("--lr", 0.0, low_open=True), default=None,
                    help=f"learning rate (default: {REPORT_LR:g}, the report's recipe; "
                         f"{DEMO_LR:g} on the SYNTHETIC demo data, which must train in minutes)")
-    t.add_argument("--weight-decay", type=_float("--weight-decay", 0.0), default=0.0)
+    t.add_argument("--weight-decay", type=_float("--weight-decay", 0.0), default=0.0,
+                   help="AdamW decoupled weight decay")
     t.add_argument("--schedule", choices=SCHEDULES, default="split1",
                    help="baseline: all data every epoch; split1: Quora in N parts, one per epoch; "
                         "split2: Quora and STS in N parts")
@@ -145,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernels for attention, AdamW and SMART (default: $SMARTER_FAST_BACKEND or auto)")
     r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: autocast with fp32 master weights")
-    r.add_argument("--seed", type=int, default=11711)
+    r.add_argument("--seed", type=int, default=11711,
+                   help="seed for shuffling, dropout, noise and initialisation")
     r.add_argument("--out", default=None, help="output directory (default: runs/<date-time>/)")
     r.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in --out (start afresh if there is none)")
