@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import platform
 
+# As `python -m smarter_fast.train` does (it sets this before torch loads): torch's large CPU
+# buffers in transparent huge pages. Set for the whole session, so every provider, the `hf`
+# reference included, gets it.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import pytest
 import torch
 

@@ -36,6 +36,10 @@ from pathlib import Path
 # Idle OpenMP threads sleep instead of spinning: on a shared or busy CPU, spinning threads make
 # torch several times slower (measured 6x on 2 busy cores); set before torch loads libgomp.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Transparent huge pages for torch's large CPU buffers: the dense word-embedding gradient
+# (30522 x 384, fresh each step) is zeroed 4x faster (21.7 ms -> 5.5 ms measured here) when it
+# faults in 2 MiB pages instead of 4 KiB ones. Read by torch once, at its first allocation.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np
 import torch
