@@ -180,14 +180,40 @@ class BertLayer(nn.Module):
         y = ops.attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, backend=backend)
         return y.reshape(T, H)  # (T, H)
 
-    def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, backend="auto"):
+    def cls_attention(self, x, attention_mask):
+        """Self-attention output of the first ([CLS]) token only: (B, H). Keys and values of
+        every token, the query of token 0 alone (a quarter of the QKV GEMM and none of the
+        full (L, L) attention): what the last layer needs when only [CLS] is read out."""
+        B, L, H = x.shape
+        nh, hs = self.n_head, H // self.n_head
+        W, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, 0], W[:H], b[:H]).view(B, nh, 1, hs)
+        k, v = F.linear(x, W[H:], b[H:]).view(B, L, 2, nh, hs).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) * hs ** -0.5  # (B, nh, 1, L)
+        if attention_mask is not None:
+            pad = (attention_mask == 0)[:, None, None, :]
+            scores = scores.masked_fill(pad, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1)
+        if self.training and self.attn_dropout > 0.0:
+            probs = F.dropout(probs, self.attn_dropout)
+        return (probs.to(v.dtype) @ v).reshape(B, H)
+
+    def forward(self, x, attention_mask=None, cu_seqlens=None, max_seqlen=None, backend="auto",
+                cls_only: bool = False):
+        """cls_only (padded path only): compute just the first token's output row, (B, 1, H);
+        the other rows of a last layer do not reach the pooler."""
         # Post-LayerNorm as in the original BERT: add the residual, then normalise.
         # Dropout, residual add and LayerNorm are one fused op (smarter_fast.ops).
         p = self.dropout.p if self.training else 0.0
-        y = self.self_attention(x, attention_mask, cu_seqlens, max_seqlen, backend)
+        if cls_only and cu_seqlens is None:
+            y = self.cls_attention(x, attention_mask)
+            x = x[:, 0]
+        else:
+            y = self.self_attention(x, attention_mask, cu_seqlens, max_seqlen, backend)
         x = self._add_norm(x, self.attn_out(y), self.attn_norm, p, backend)
         h = self.act(self.ffn_in(x))  # (..., I)
-        return self._add_norm(x, self.ffn_out(h), self.ffn_norm, p, backend)
+        x = self._add_norm(x, self.ffn_out(h), self.ffn_norm, p, backend)
+        return x[:, None] if cls_only and cu_seqlens is None else x
 
     @staticmethod
     def _add_norm(x, h, norm: nn.LayerNorm, p: float, backend):
@@ -236,12 +262,17 @@ class BertModel(nn.Module):
         """Embedding output E (B, L, H) or (T, H): what SMART perturbs."""
         return self.embeddings(input_ids, token_type_ids, position_ids)
 
-    def encode(self, E, attention_mask=None, cu_seqlens=None, max_seqlen=None) -> dict:
+    def encode(self, E, attention_mask=None, cu_seqlens=None, max_seqlen=None,
+               cls_only: bool = False) -> dict:
         """Run the encoder and pooler on an embedding output. Padded: E (B, L, H) with
-        attention_mask (B, L). Packed: E (T, H) with cu_seqlens (B + 1,) and max_seqlen."""
+        attention_mask (B, L). Packed: E (T, H) with cu_seqlens (B + 1,) and max_seqlen.
+        cls_only (padded path): the last layer computes only the [CLS] row, which is all the
+        pooler reads (same pooler output; last_hidden_state is then (B, 1, H))."""
         x = E
-        for layer in self.layers:
-            x = layer(x, attention_mask, cu_seqlens, max_seqlen, self.backend)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attention_mask, cu_seqlens, max_seqlen, self.backend,
+                      cls_only=cls_only and i == last)
         if cu_seqlens is None:
             first = x[:, 0]  # (B, H) the [CLS] token
         else:

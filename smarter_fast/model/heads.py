@@ -23,6 +23,10 @@ N_SENTIMENT_CLASSES = 5
 
 
 class MultitaskBert(nn.Module):
+    # With [CLS] pooling the last encoder layer computes only the [CLS] row (BertModel.encode
+    # cls_only): the same outputs and gradients for about a sixth less work. False: full layer.
+    cls_only_last_layer = True
+
     def __init__(self, bert: BertModel, dropout: float = 0.0, pooling: str = "cls"):
         super().__init__()
         if pooling not in ("cls", "mean"):
@@ -91,7 +95,9 @@ class MultitaskBert(nn.Module):
                               cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
         """Task output from an embedding output E (from bert.embed), possibly perturbed:
         padded E (B, L, H) + attention_mask, or packed E (T, H) + cu_seqlens, max_seqlen."""
-        out = self.bert.encode(E, attention_mask, cu_seqlens, max_seqlen)
+        # [CLS] pooling reads one row of the last layer: compute only that row there.
+        out = self.bert.encode(E, attention_mask, cu_seqlens, max_seqlen,
+                               cls_only=self.pooling == "cls" and self.cls_only_last_layer)
         return self.head(task, self.pool(out, attention_mask, cu_seqlens))
 
     def forward(self, task: str, input_ids, attention_mask=None, token_type_ids=None, *,

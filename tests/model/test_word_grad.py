@@ -45,3 +45,33 @@ def test_word_grad_adds_into_an_existing_grad_and_no_grad_mode():
     torch.testing.assert_close(fast.word.weight.grad, slow.word.weight.grad)
     with torch.no_grad():
         torch.testing.assert_close(fast(torch.tensor([[3, 4]])), slow(torch.tensor([[3, 4]])))
+
+
+def test_cls_only_last_layer_matches_full_encoder():
+    """encode(cls_only=True) gives the full encoder's pooler output and [CLS] row, with the
+    same gradients, on a padded batch (dropout off)."""
+    from smarter_fast.model.bert import BertModel
+
+    cfg = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(1)
+    model = BertModel(cfg, backend="ref").train()
+    ids = torch.randint(1, 60, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0  # all but the first token padding
+    E = model.embed(ids).detach()
+    grads = []
+    for cls_only in (False, True):
+        e = E.clone().requires_grad_()
+        out = model.encode(e, mask, cls_only=cls_only)
+        (out["pooler_output"] ** 2).sum().backward()
+        grads.append((out, e.grad, model.layers[0].qkv.weight.grad.clone()))
+        model.zero_grad()
+    (full, g_full, w_full), (cls, g_cls, w_cls) = grads
+    torch.testing.assert_close(cls["pooler_output"], full["pooler_output"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls["last_hidden_state"][:, 0], full["last_hidden_state"][:, 0],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_cls, g_full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w_cls, w_full, rtol=1e-4, atol=1e-5)
