@@ -10,6 +10,7 @@ Shapes: B batch, L padded length, T packed tokens, H hidden, nh heads, hs head s
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,6 +118,8 @@ class BertEmbeddings(nn.Module):
             keep = ids != pad
             ids, g = ids[keep], g[keep]
         buf = getattr(self, "_word_grad", None)
+        if buf is None:
+            _watch_optimizer_steps(self)
         if w.grad is None:
             if buf is None or buf.shape != w.shape or buf.dtype != w.dtype or buf.device != w.device:
                 buf = torch.zeros_like(w, memory_format=torch.contiguous_format)
@@ -125,8 +128,43 @@ class BertEmbeddings(nn.Module):
             self._word_grad, self._word_grad_rows = buf, ids
             w.grad = buf
         elif w.grad is buf:  # a second backward before the step: more rows to clear later
-            self._word_grad_rows = torch.cat([self._word_grad_rows, ids])
+            rows = torch.cat([self._word_grad_rows, ids])
+            self._word_grad_rows = rows.unique() if rows.numel() > w.shape[0] else rows
+        # weight.grad now holds values on _word_grad_rows only (what _adopt_stepped_grad needs)
+        self._word_grad_fresh = w.grad is buf
         w.grad.index_add_(0, ids, g)
+
+
+    def _adopt_stepped_grad(self) -> None:
+        """After an optimizer step: if the optimizer moved our buffer's values into a gradient
+        of its own (smarter_fast.optim.AdamW copies stray grads into its flat grad buffer and
+        re-points weight.grad at its view), that tensor holds nonzero values on our rows only,
+        so it becomes the buffer: the next backward writes into the optimizer's own memory and
+        the next step copies nothing."""
+        buf, g = getattr(self, "_word_grad", None), self.word.weight.grad
+        if (buf is not None and g is not None and g is not buf and g.shape == buf.shape
+                and g.dtype == buf.dtype and g.device == buf.device and g.is_contiguous()
+                and getattr(self, "_word_grad_fresh", False)):
+            self._word_grad = g
+        self._word_grad_fresh = False
+
+
+_WATCHED: "weakref.WeakSet[BertEmbeddings]" = weakref.WeakSet()
+_HOOKED = False
+
+
+def _watch_optimizer_steps(module: BertEmbeddings) -> None:
+    global _HOOKED
+    _WATCHED.add(module)
+    if not _HOOKED:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        register_optimizer_step_post_hook(_after_optimizer_step)
+        _HOOKED = True
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    for module in list(_WATCHED):
+        module._adopt_stepped_grad()
 
 
 def _distributed() -> bool:

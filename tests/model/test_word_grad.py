@@ -75,3 +75,25 @@ def test_cls_only_last_layer_matches_full_encoder():
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_cls, g_full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w_cls, w_full, rtol=1e-4, atol=1e-5)
+
+
+def test_word_grad_with_flat_adamw_steps_like_autograd():
+    """With smarter_fast.optim.AdamW the buffer becomes the optimizer's own flat grad view
+    after the first step (no copy later), and parameters follow the autograd path exactly."""
+    from smarter_fast.optim import AdamW
+
+    fast, slow = _pair()
+    opts = [AdamW(m.parameters(), lr=1e-2, backend="ref") for m in (fast, slow)]
+    for step in range(4):
+        ids = torch.randint(0, 50, (2, 6))
+        g = torch.randn(2, 6, 16)
+        for m, opt in zip((fast, slow), opts):
+            m(ids).backward(g)
+            if step == 3:
+                view = m.word.weight.grad
+            opt.step()
+            if step == 3 and m is fast:
+                assert m.word.weight.grad is view  # the adopted flat view: nothing copied
+            opt.zero_grad(set_to_none=(step != 1))
+    torch.testing.assert_close(fast.word.weight, slow.word.weight, rtol=0, atol=0)
+    torch.testing.assert_close(fast.norm.weight, slow.norm.weight, rtol=0, atol=0)
