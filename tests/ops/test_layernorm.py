@@ -142,3 +142,24 @@ def test_ref_backend_and_errors():
         ops.dropout_add_layer_norm(x, h[:, :2], w, b, 1e-12)
     with pytest.raises(ValueError, match="dropout_p"):
         ops.dropout_add_layer_norm(x, h, w, b, 1e-12, 1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_python_entry_point_grads_match_registered_autograd(p, skip_unless_cpp):
+    """ops.dropout_add_layer_norm (a light autograd.Function) and the op's registered autograd
+    give the same values and gradients for the same seed."""
+    skip_unless_cpp("dropout_add_layer_norm")
+    x, h, w, b = _inputs((4, 13, 96), torch.float32, torch.bfloat16)
+    x2, h2, w2, b2 = _clones(x, h, w, b)
+    torch.manual_seed(11)
+    got = ops.dropout_add_layer_norm(x, h, w, b, 1e-12, p, backend="cpp")
+    torch.manual_seed(11)
+    seed = ln_cpp.draw_seed() if p > 0 else 0
+    want = _run_cpp(x2, h2, w2, b2, 1e-12, p, seed)
+    assert torch.equal(got, want)
+    g = torch.randn(got.shape)
+    got.backward(g)
+    want.backward(g)
+    for a, c in ((x, x2), (h, h2), (w, w2), (b, b2)):
+        assert a.grad.dtype == c.grad.dtype
+        assert torch.equal(a.grad, c.grad)

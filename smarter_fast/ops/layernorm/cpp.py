@@ -67,8 +67,32 @@ def availability():
     return why
 
 
+class _Fn(torch.autograd.Function):
+    """The op's autograd in a plain autograd.Function: the same forward and backward kernels
+    as the registration above, with about a tenth of its per-call Python cost (measured
+    ~0.3 ms a call less fwd+bwd, 12 calls a MiniLM step). The registration stays for
+    opcheck, torch.compile and direct torch.ops calls."""
+
+    @staticmethod
+    def forward(ctx, x, h, weight, bias, eps, dropout_p, seed):
+        out, xhat, rstd = torch.ops.smarter_fast.dropout_add_layer_norm(
+            x, h, weight, bias, eps, dropout_p, seed)
+        ctx.save_for_backward(xhat, rstd, weight)
+        ctx.dropout_p, ctx.seed, ctx.x_dtype, ctx.h_dtype = dropout_p, seed, x.dtype, h.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xhat, rstd, weight = ctx.saved_tensors
+        gx, gh, gw, gb = torch.ops.smarter_fast.dropout_add_layer_norm_backward(
+            grad_out, xhat, rstd, weight, ctx.dropout_p, ctx.seed, ctx.x_dtype, ctx.h_dtype)
+        return gx, gh, gw, gb, None, None, None
+
+
 def dropout_add_layer_norm(x, h, weight, bias, eps, dropout_p=0.0):
     seed = draw_seed() if dropout_p > 0.0 else 0
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, weight, bias)):
+        return _Fn.apply(x, h, weight, bias, float(eps), float(dropout_p), seed)
     return torch.ops.smarter_fast.dropout_add_layer_norm(x, h, weight, bias, float(eps),
                                                          float(dropout_p), seed)[0]
 
