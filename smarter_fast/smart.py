@@ -54,19 +54,29 @@ def task_forward(model, task: str, batch: dict) -> torch.Tensor:
 
 
 def smart_simple_loss(model, task: str, batch: dict, sigma: float, lam: float, seed: int,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      backend: str = "auto", fuse_batch: bool | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total loss, task loss, SMART term, clean output) for one padded batch.
 
     total = task loss + lam * smart_mse(clean, perturbed); the SMART term returned is the
-    unweighted mean squared difference.
+    unweighted mean squared difference. With `fuse_batch` (default: on CUDA) the clean and
+    perturbed passes run as one encoder pass over a batch of 2B, which keeps a GPU busy at small
+    batch sizes; on CPU two passes of B cost the same and need less memory. Each half draws its
+    own dropout masks either way, as two separate passes would.
     """
     head = HEAD_OF[task]
     type_ids = batch.get("token_type_ids") if task != "sst" else None
     mask = batch["attention_mask"]
     E = model.bert.embed(batch["input_ids"], type_ids)  # (B, L, H), computed once
-    clean = model.heads_from_embeddings(head, E, mask)
     E_noisy = ops.smart_noise(E, sigma, seed, backend=backend)
-    perturbed = model.heads_from_embeddings(head, E_noisy, mask)
+    if fuse_batch is None:
+        fuse_batch = E.is_cuda
+    if fuse_batch:
+        both = model.heads_from_embeddings(head, torch.cat([E, E_noisy]), torch.cat([mask, mask]))
+        clean, perturbed = both[:E.shape[0]], both[E.shape[0]:]
+    else:
+        clean = model.heads_from_embeddings(head, E, mask)
+        perturbed = model.heads_from_embeddings(head, E_noisy, mask)
     loss = task_loss(task, clean, batch["labels"])
     term = ops.smart_mse(clean.float(), perturbed.float(), backend=backend)
     return loss + lam * term, loss, term, clean

@@ -61,6 +61,27 @@ def test_term_reaches_clean_and_perturbed_branches(task):
 
 
 @pytest.mark.parametrize("task", ["sst", "quora", "sts"])
+def test_fused_2b_batch_matches_two_passes(task):
+    """The clean and perturbed passes as one batch of 2B (the CUDA default) give the same loss
+    and gradients as two passes of B (no dropout here, so both are deterministic)."""
+    results = []
+    for fuse in (False, True):
+        model = tiny_model()
+        total, loss, term, clean = smart_simple_loss(model, task, batch(task), sigma=0.3,
+                                                     lam=10.0, seed=7, fuse_batch=fuse)
+        total.backward()
+        results.append((total.detach(), term.detach(), clean.detach(),
+                        [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (t0, m0, c0, g0), (t1, m1, c1, g1) = results
+    torch.testing.assert_close(t1, t0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m1, m0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["sst", "quora", "sts"])
 def test_term_vanishes_for_sigma_zero(task):
     model = tiny_model()
     b = batch(task)
