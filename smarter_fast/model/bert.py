@@ -149,11 +149,11 @@ class BertEmbeddings(nn.Module):
         self._word_grad_fresh = False
 
 
-_WATCHED: "weakref.WeakSet[BertEmbeddings]" = weakref.WeakSet()
+_WATCHED: weakref.WeakSet = weakref.WeakSet()  # objects with _adopt_stepped_grad()
 _HOOKED = False
 
 
-def _watch_optimizer_steps(module: BertEmbeddings) -> None:
+def _watch_optimizer_steps(module) -> None:
     global _HOOKED
     _WATCHED.add(module)
     if not _HOOKED:
@@ -165,6 +165,119 @@ def _watch_optimizer_steps(module: BertEmbeddings) -> None:
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     for module in list(_WATCHED):
         module._adopt_stepped_grad()
+
+
+# ---- Linear layers whose weight gradients go straight into the optimizer's memory ------------
+# With set_to_none=True autograd allocates every weight gradient afresh each step, and the
+# flat-buffer AdamW then copies it into its flat grad buffer (and, under bf16 autocast, the bf16
+# gradient is first cast into yet another fp32 tensor). `linear()` instead writes grad_W and
+# grad_b (mm(out=) / a cast copy) into a buffer per parameter installed as p.grad; after an
+# optimizer step the buffer becomes the optimizer's own grad view (same adoption as the word
+# embedding), so later steps neither allocate nor copy. Existing grads are accumulated into,
+# as autograd does. Same values as F.linear's backward (grad_b summed in fp32). Used only when
+# a gradient is recorded, outside torch.distributed, and with `FUSED_LINEAR_GRADS` True; the
+# caveat of BertEmbeddings (old .grad references get reused) applies.
+FUSED_LINEAR_GRADS = True
+
+
+class _GradSink:
+    """Where a fresh gradient of one parameter is written (see above)."""
+
+    __slots__ = ("buf", "fresh", "__weakref__")
+
+    def __init__(self):
+        self.buf, self.fresh = None, False
+
+    def write(self, p, value_fn, out_fn=None) -> None:
+        """p.grad = value (into the kept buffer) or p.grad += value. out_fn(buf) may compute
+        the value straight into buf (same dtype)."""
+        g = p.grad
+        if g is None:
+            buf = self.buf
+            if (buf is None or buf.shape != p.shape or buf.dtype != p.dtype
+                    or buf.device != p.device or not buf.is_contiguous()):
+                buf = self.buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+            if out_fn is not None:
+                out_fn(buf)
+            else:
+                buf.copy_(value_fn())
+            p.grad = buf
+            self.fresh = True
+        else:
+            g.add_(value_fn())
+            self.fresh = self.fresh and g is self.buf
+
+
+class _LinearGrads:
+    """The sinks of one nn.Linear (weight, bias), in _SINKS (not on the module, so copies and
+    pickles of the model do not share them)."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = weakref.ref(module)
+        self.weight, self.bias = _GradSink(), _GradSink()
+        _watch_optimizer_steps(self)
+
+    def _adopt_stepped_grad(self) -> None:
+        m = self.module()
+        if m is None:
+            return
+        for p, sink in ((m.weight, self.weight), (m.bias, self.bias)):
+            if p is None:
+                continue
+            g, buf = p.grad, sink.buf
+            if (sink.fresh and buf is not None and g is not None and g is not buf
+                    and g.shape == buf.shape and g.dtype == buf.dtype and g.device == buf.device
+                    and g.is_contiguous()):
+                sink.buf = g
+            sink.fresh = False
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, sinks, dtype):
+        if dtype is not None:  # autocast: compute in its dtype, as F.linear would
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        ctx.save_for_backward(x, weight)
+        ctx.sinks, ctx.has_bias = sinks, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        gy = gy.to(w.dtype)
+        gx = gy @ w if ctx.needs_input_grad[0] else None
+        g2 = gy.reshape(-1, gy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        m = ctx.sinks.module()
+        with torch.no_grad():
+            if m.weight.requires_grad:
+                same = m.weight.dtype == g2.dtype
+                ctx.sinks.weight.write(
+                    m.weight, lambda: g2.t() @ x2,
+                    (lambda buf: torch.mm(g2.t(), x2, out=buf)) if same else None)
+            if ctx.has_bias and m.bias.requires_grad:
+                ctx.sinks.bias.write(m.bias, lambda: g2.sum(0, dtype=m.bias.dtype),
+                                     lambda buf: torch.sum(g2, 0, dtype=buf.dtype, out=buf))
+        return gx, None, None, None, None
+
+
+_SINKS: "weakref.WeakKeyDictionary[nn.Linear, _LinearGrads]" = weakref.WeakKeyDictionary()
+
+
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """module(x), with the weight and bias gradients written into the optimizer's memory."""
+    w = module.weight
+    if not (FUSED_LINEAR_GRADS and torch.is_grad_enabled() and w.requires_grad
+            and w.layout == torch.strided and not _distributed()):
+        return module(x)
+    sinks = _SINKS.get(module)
+    if sinks is None:
+        sinks = _SINKS[module] = _LinearGrads(module)
+    dtype = None
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return _Linear.apply(x, w, module.bias, sinks, dtype)
 
 
 def _distributed() -> bool:
@@ -207,7 +320,7 @@ class BertLayer(nn.Module):
         H = x.shape[-1]
         nh, hs = self.n_head, H // self.n_head
         p = self.attn_dropout if self.training else 0.0
-        qkv = self.qkv(x)  # (B, L, 3H) or (T, 3H)
+        qkv = linear(self.qkv, x)  # (B, L, 3H) or (T, 3H)
         if cu_seqlens is None:
             B, L, _ = x.shape
             q, k, v = qkv.view(B, L, 3, nh, hs).permute(2, 0, 3, 1, 4)  # each (B, nh, L, hs)
@@ -248,9 +361,9 @@ class BertLayer(nn.Module):
             x = x[:, 0]
         else:
             y = self.self_attention(x, attention_mask, cu_seqlens, max_seqlen, backend)
-        x = self._add_norm(x, self.attn_out(y), self.attn_norm, p, backend)
-        h = self.act(self.ffn_in(x))  # (..., I)
-        x = self._add_norm(x, self.ffn_out(h), self.ffn_norm, p, backend)
+        x = self._add_norm(x, linear(self.attn_out, y), self.attn_norm, p, backend)
+        h = self.act(linear(self.ffn_in, x))  # (..., I)
+        x = self._add_norm(x, linear(self.ffn_out, h), self.ffn_norm, p, backend)
         return x[:, None] if cls_only and cu_seqlens is None else x
 
     @staticmethod

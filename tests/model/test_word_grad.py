@@ -1,6 +1,7 @@
 """The word-embedding gradient written straight into weight.grad (BertEmbeddings._word_lookup)
 equals autograd's dense embedding gradient, across steps, accumulation and padding rows."""
 
+import pytest
 import torch
 
 from smarter_fast.model.bert import BertConfig, BertEmbeddings
@@ -97,3 +98,50 @@ def test_word_grad_with_flat_adamw_steps_like_autograd():
             opt.zero_grad(set_to_none=(step != 1))
     torch.testing.assert_close(fast.word.weight, slow.word.weight, rtol=0, atol=0)
     torch.testing.assert_close(fast.norm.weight, slow.norm.weight, rtol=0, atol=0)
+
+
+def _tiny_bert(seed=0):
+    from smarter_fast.model.bert import BertModel
+
+    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=12, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    return BertModel(cfg, backend="ref").train()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_linear_grads_match_autograd_over_adamw_steps(bf16, monkeypatch):
+    """bert.linear (grads written into the optimizer's buffers) against nn.Linear's autograd
+    over AdamW steps, with accumulation (two backwards in one step) and set_to_none both ways."""
+    import smarter_fast.model.bert as bert_mod
+    from smarter_fast.optim import AdamW
+
+    fast, slow = _tiny_bert(), _tiny_bert()
+    slow.load_state_dict(fast.state_dict())
+    for m in (fast.embeddings, slow.embeddings):
+        m.fused_word_grad = False
+    opts = [AdamW(m.parameters(), lr=1e-2, backend="ref") for m in (fast, slow)]
+    ids = torch.randint(1, 40, (5, 3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    for step in range(4):
+        for model, opt, fused in ((fast, opts[0], True), (slow, opts[1], False)):
+            monkeypatch.setattr(bert_mod, "FUSED_LINEAR_GRADS", fused)
+            for k in range(2 if step == 2 else 1):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = model(ids[step + k], mask)
+                (out["pooler_output"].float() ** 2).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad(set_to_none=(step != 1))
+            if fused:
+                fast_grads = grads
+            else:
+                slow_grads = grads
+        tol = dict(rtol=2e-2, atol=2e-3) if bf16 else dict(rtol=1e-5, atol=1e-6)
+        for n in slow_grads:
+            torch.testing.assert_close(fast_grads[n], slow_grads[n], **tol, msg=n)
+    if not bf16:
+        for (n, a), b in zip(fast.named_parameters(), slow.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
