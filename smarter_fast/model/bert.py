@@ -135,6 +135,11 @@ class BertEmbeddings(nn.Module):
         w.grad.index_add_(0, ids, g)
 
 
+    def _check_before_step(self) -> None:
+        buf = getattr(self, "_word_grad", None)
+        self._word_grad_fresh = (getattr(self, "_word_grad_fresh", False) and buf is not None
+                                 and self.word.weight.grad is buf)
+
     def _adopt_stepped_grad(self) -> None:
         """After an optimizer step: if the optimizer moved our buffer's values into a gradient
         of its own (smarter_fast.optim.AdamW copies stray grads into its flat grad buffer and
@@ -157,9 +162,19 @@ def _watch_optimizer_steps(module) -> None:
     global _HOOKED
     _WATCHED.add(module)
     if not _HOOKED:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                           register_optimizer_step_pre_hook)
+        register_optimizer_step_pre_hook(_before_optimizer_step)
         register_optimizer_step_post_hook(_after_optimizer_step)
         _HOOKED = True
+
+
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    # Adopt after the step only what the optimizer copied from our own buffer: a .grad that
+    # someone replaced (gradient surgery writing combined grads, a caller's tensor) may hold
+    # values outside the rows we track.
+    for module in list(_WATCHED):
+        module._check_before_step()
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
@@ -216,6 +231,11 @@ class _LinearGrads:
         self.module = weakref.ref(module)
         self.weight, self.bias = _GradSink(), _GradSink()
         _watch_optimizer_steps(self)
+
+    def _check_before_step(self) -> None:
+        m = self.module()
+        for p, sink in (((m.weight, self.weight), (m.bias, self.bias)) if m is not None else ()):
+            sink.fresh = sink.fresh and p is not None and p.grad is sink.buf
 
     def _adopt_stepped_grad(self) -> None:
         m = self.module()

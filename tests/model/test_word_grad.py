@@ -145,3 +145,23 @@ def test_fused_linear_grads_match_autograd_over_adamw_steps(bf16, monkeypatch):
     if not bf16:
         for (n, a), b in zip(fast.named_parameters(), slow.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_word_grad_not_adopted_when_grad_replaced_before_step():
+    """A .grad replaced between backward and step (gradient surgery writes combined grads)
+    holds rows we do not track: it must not become the buffer."""
+    from smarter_fast.optim import AdamW
+
+    fast, slow = _pair()
+    opts = [AdamW(m.parameters(), lr=1e-2, backend="ref") for m in (fast, slow)]
+    for step in range(3):
+        ids = torch.randint(1, 50, (2, 5))
+        g = torch.randn(2, 5, 16)
+        for m, opt in zip((fast, slow), opts):
+            m(ids).backward(g)
+            if step == 0:  # e.g. surgery: every row nonzero
+                m.word.weight.grad = torch.ones_like(m.word.weight)
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
