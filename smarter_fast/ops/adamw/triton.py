@@ -21,46 +21,12 @@ from typing import Optional
 
 import torch
 
-from ..registry import triton_availability, triton_interpret
-
-try:  # the package imports (and reports why) without Triton
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-    TRITON_ERROR = None
-except ImportError as e:  # pragma: no cover - depends on the environment
-    TRITON_ERROR = f"Triton is not usable: {e}"
-
+from ..triton_support import (TRITON_ERROR, availability, skip_launch, tl, triton,  # noqa: F401
+                              triton_op, wrap_triton)
 from .ref import step_size as _host_step_size
 
 _BLOCK = 1024
 _NUM_WARPS = 4
-# Triton decides at import whether @triton.jit compiles for the GPU or runs in its CPU
-# interpreter (its own library functions too), so TRITON_INTERPRET must be set before Python
-# imports Triton; a later change cannot take effect and is reported by availability().
-_INTERPRET_AT_IMPORT = triton_interpret()
-
-
-def _mode_mismatch() -> str | None:
-    if triton_interpret() == _INTERPRET_AT_IMPORT:
-        return None
-    if _INTERPRET_AT_IMPORT:
-        return "Triton was loaded for its interpreter (TRITON_INTERPRET=1 at import)"
-    return ("TRITON_INTERPRET=1 was set after Triton was imported; set it before starting "
-            "Python to run the Triton kernels on CPU")
-
-
-def _skip_launch(t) -> bool:
-    """Under the interpreter, triton_op's generated fake implementation would run the kernel on
-    FakeTensors (wrap_triton only intercepts compiled kernels): skip the launch there."""
-    if not triton_interpret():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t)
-
-
-def availability():
-    return TRITON_ERROR or triton_availability() or _mode_mismatch()
 
 
 def check(param, grad, exp_avg, exp_avg_sq, **_):
@@ -150,7 +116,7 @@ if TRITON_ERROR is None:
                   exp_avg_sq: torch.Tensor, step_size: float, beta1: float, beta2: float,
                   eps: float, decay: float) -> None:
         n = param.numel()
-        if n == 0 or _skip_launch(param):
+        if n == 0 or skip_launch(param):
             return
         wrap_triton((_adamw_kernel))[(triton.cdiv(n, _BLOCK),)](
             param, grad, exp_avg, exp_avg_sq, n, step_size, beta1, 1.0 - beta1, beta2,
@@ -164,7 +130,7 @@ if TRITON_ERROR is None:
                          beta2: float, eps: float, weight_decay: float,
                          correct_bias: bool) -> None:
         n = param.numel()
-        if n == 0 or _skip_launch(param):
+        if n == 0 or skip_launch(param):
             return
         b1_hi, b1_lo = _split(beta1)
         b2_hi, b2_lo = _split(beta2)

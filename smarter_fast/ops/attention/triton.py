@@ -43,16 +43,11 @@ import weakref
 
 import torch
 
-from ..registry import triton_availability, triton_interpret
+from ..registry import triton_interpret
 from .ref import draw_dropout_seed, dropout_threshold
 
-try:  # the package imports (and reports why) without Triton
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-    TRITON_ERROR = None
-except ImportError as e:  # pragma: no cover - depends on the environment
-    TRITON_ERROR = f"Triton is not usable: {e}"
+from ..triton_support import (TRITON_ERROR, availability, skip_launch, tl, triton,  # noqa: F401
+                              triton_op, wrap_triton)
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -61,33 +56,6 @@ _LOG2E = 1.4426950408889634
 # Tile sizes used under TRITON_INTERPRET=1 (no autotuning there); small so that tests on
 # short odd lengths exercise multi-tile loops, partial tiles and skipped tiles.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK": 16}
-
-# Triton decides at import whether @triton.jit compiles for the GPU or runs in its CPU
-# interpreter (its own library functions too), so TRITON_INTERPRET must be set before Python
-# imports Triton; a later change cannot take effect and is reported by availability().
-_INTERPRET_AT_IMPORT = triton_interpret()
-
-
-def _mode_mismatch() -> str | None:
-    if triton_interpret() == _INTERPRET_AT_IMPORT:
-        return None
-    if _INTERPRET_AT_IMPORT:
-        return "Triton was loaded for its interpreter (TRITON_INTERPRET=1 at import)"
-    return ("TRITON_INTERPRET=1 was set after Triton was imported; set it before starting "
-            "Python to run the Triton kernels on CPU")
-
-
-def _skip_launch(t) -> bool:
-    """Under the interpreter, triton_op's generated fake implementation would run the kernel on
-    FakeTensors (wrap_triton only intercepts compiled kernels): skip the launch there."""
-    if not triton_interpret():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t)
-
-
-def availability():
-    return TRITON_ERROR or triton_availability() or _mode_mismatch()
 
 
 def check(q, k, v, dropout_p=0.0, **_):
@@ -369,7 +337,7 @@ if TRITON_ERROR is None:
             lse = torch.empty(n_seq, heads, l_pad, device=q.device, dtype=torch.float32)
             slse_b, slse_h = lse.stride(0), lse.stride(1)
         rows = max_seqlen if varlen else l_pad
-        if _skip_launch(q):
+        if skip_launch(q):
             return out, lse
         if q.numel() == 0 or n_seq == 0 or rows == 0:
             return out.zero_(), lse
@@ -406,7 +374,7 @@ if TRITON_ERROR is None:
         n_seq, heads, dim, l_pad = _geometry(q, seq, max_seqlen, varlen)
         dq, dk, dv = (_empty_like_qkv(q, varlen) for _ in range(3))
         rows = max_seqlen if varlen else l_pad
-        if _skip_launch(q):
+        if skip_launch(q):
             return dq, dk, dv
         if q.numel() == 0 or n_seq == 0 or rows == 0:
             return dq.zero_(), dk.zero_(), dv.zero_()

@@ -16,47 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import triton_availability, triton_interpret
+from ..triton_support import (TRITON_ERROR, availability, skip_launch, tl, triton,  # noqa: F401
+                              triton_op, wrap_triton)
 
-try:  # the package imports (and reports why) without Triton
-    import triton
-    import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-    TRITON_ERROR = None
-except ImportError as e:  # pragma: no cover - depends on the environment
-    TRITON_ERROR = f"Triton is not usable: {e}"
-
-# Triton decides at import whether @triton.jit compiles for the GPU or runs in its CPU
-# interpreter (its own library functions too), so TRITON_INTERPRET must be set before Python
-# imports Triton; a later change cannot take effect and is reported by availability().
-_INTERPRET_AT_IMPORT = triton_interpret()
-
-
-def _mode_mismatch() -> str | None:
-    if triton_interpret() == _INTERPRET_AT_IMPORT:
-        return None
-    if _INTERPRET_AT_IMPORT:
-        return "Triton was loaded for its interpreter (TRITON_INTERPRET=1 at import)"
-    return ("TRITON_INTERPRET=1 was set after Triton was imported; set it before starting "
-            "Python to run the Triton kernels on CPU")
 
 _NOISE_BLOCK = 1024
 _MSE_BLOCK = 4096
 _FINAL_BLOCK = 1024
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _skip_launch(t) -> bool:
-    """Under the interpreter, triton_op's generated fake implementation would run the kernel on
-    FakeTensors (wrap_triton only intercepts compiled kernels): skip the launch there."""
-    if not triton_interpret():
-        return False
-    from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t)
-
-
-def availability():
-    return TRITON_ERROR or triton_availability() or _mode_mismatch()
 
 
 def check(*tensors, **_):
@@ -117,7 +84,7 @@ if TRITON_ERROR is None:
         x = x.contiguous()
         y = torch.empty_like(x)
         n = x.numel()
-        if n and not _skip_launch(x):
+        if n and not skip_launch(x):
             wrap_triton((_noise_kernel))[(triton.cdiv(n, _NOISE_BLOCK),)](
                 x, y, n, sigma, seed, BLOCK=_NOISE_BLOCK)
         return y
@@ -134,7 +101,7 @@ if TRITON_ERROR is None:
         n_part = triton.cdiv(n, _MSE_BLOCK)
         part = torch.empty(n_part, device=a.device, dtype=torch.float32)
         out = torch.empty((), device=a.device, dtype=a.dtype)
-        if _skip_launch(a):
+        if skip_launch(a):
             return out
         wrap_triton((_mse_partial_kernel))[(n_part,)](a, b, part, n, BLOCK=_MSE_BLOCK)
         wrap_triton((_mse_final_kernel))[(1,)](part, out, n_part, 1.0 / n,
@@ -147,7 +114,7 @@ if TRITON_ERROR is None:
         a, b = a.contiguous(), b.contiguous()
         n = a.numel()
         grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
-        if _skip_launch(a):
+        if skip_launch(a):
             return grad_a, grad_b
         wrap_triton((_mse_backward_kernel))[(triton.cdiv(n, _NOISE_BLOCK),)](
             grad, a, b, grad_a, grad_b, n, 2.0 / n, BLOCK=_NOISE_BLOCK)
