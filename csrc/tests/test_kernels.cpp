@@ -5,7 +5,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <array>
 #include <cstdio>
+#include <optional>
+#include <tuple>
 #include <random>
 #include <string>
 #include <vector>
@@ -133,6 +136,72 @@ static void test_operators() {
   EXPECT(rel_err(got, want) < 1e-6, "smart_mse operator %g vs %g", got, want);
 }
 
+
+// Attention through the registered operators against the textbook formulas in double:
+// S = Q K^T / sqrt(D) with padded keys masked, P = softmax(S), O = P V; backward
+// dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)), dQ = dS K / sqrt(D), dK = dS^T Q / sqrt(D).
+// Padded query rows are zero in every output.
+static void test_attention_operator() {
+  auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("smarter_fast::attention_fwd", "")
+                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                           const at::Tensor&,
+                                                           const std::optional<at::Tensor>&,
+                                                           double, int64_t)>();
+  auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("smarter_fast::attention_bwd", "")
+                 .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                     double, int64_t)>();
+  for (auto [B, H, L, D] : std::vector<std::array<int64_t, 4>>{{3, 5, 7, 8}, {2, 3, 33, 40},
+                                                                {2, 2, 130, 64}, {1, 1, 1, 32}}) {
+    at::manual_seed(B * 1000 + L);
+    auto q = at::randn({B, H, L, D}), k = at::randn({B, H, L, D}), v = at::randn({B, H, L, D});
+    auto lengths = at::randint(1, L + 1, {B}, at::kLong);
+    lengths[0] = L;  // one full row, one possibly of length 1
+    auto mask = at::arange(L).unsqueeze(0) < lengths.unsqueeze(1);  // (B, L) bool
+    auto [out, lse] = fwd.call(q, k, v, mask, 0.0, 0);
+    auto grad_out = at::randn({B, H, L, D});
+    auto [dq, dk, dv] = bwd.call(grad_out, q, k, v, mask, out, lse, 0.0, 0);
+
+    auto Q = q.to(at::kDouble), K = k.to(at::kDouble), V = v.to(at::kDouble);
+    auto keys = mask.view({B, 1, 1, L}), rows = mask.view({B, 1, L, 1}).to(at::kDouble);
+    const double scale = 1.0 / std::sqrt(double(D));
+    auto S = at::matmul(Q, K.transpose(-1, -2)) * scale;
+    auto P = at::softmax(S.masked_fill(keys.logical_not(), -1e300), -1);
+    auto O = at::matmul(P, V) * rows;
+    auto dO = grad_out.to(at::kDouble) * rows;
+    auto dV = at::matmul(P.transpose(-1, -2), dO);
+    auto dP = at::matmul(dO, V.transpose(-1, -2));
+    auto dS = P * (dP - (dP * P).sum(-1, true));
+    auto dQ = at::matmul(dS, K) * scale, dK = at::matmul(dS.transpose(-1, -2), Q) * scale;
+    auto err = [](const at::Tensor& got, const at::Tensor& want) {
+      return (got.reshape(want.sizes()).to(at::kDouble) - want).abs().max().item<double>();
+    };
+    const double e_out = err(out, O), e_dq = err(dq, dQ), e_dk = err(dk, dK), e_dv = err(dv, dV);
+    EXPECT(e_out < 1e-5 && e_dq < 1e-4 && e_dk < 1e-4 && e_dv < 1e-4,
+           "attention B=%ld H=%ld L=%ld D=%ld: max errors out %g dq %g dk %g dv %g", long(B),
+           long(H), long(L), long(D), e_out, e_dq, e_dk, e_dv);
+  }
+}
+
+// LayerNorm(x + h) (no dropout) against at::layer_norm in double, forward.
+static void test_layer_norm_operator() {
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("smarter_fast::dropout_add_layer_norm", "")
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    double, double, int64_t)>();
+  for (int64_t H : {1, 7, 384, 129}) {
+    auto x = at::randn({5, 3, H}), h = at::randn({5, 3, H});
+    auto w = at::rand({H}) + 0.5, b = at::randn({H});
+    auto [out, xhat, rstd] = op.call(x, h, w, b, 1e-12, 0.0, 0);
+    auto want = at::layer_norm((x + h).to(at::kDouble), {H}, w.to(at::kDouble), b.to(at::kDouble),
+                               1e-12);
+    const double e = (out.to(at::kDouble) - want).abs().max().item<double>();
+    EXPECT(e < 1e-4, "dropout_add_layer_norm H=%ld max error %g", long(H), e);
+  }
+}
+
 int main() {
   std::mt19937 rng(42);
   std::vector<const KernelTable*> tables = {&smarter_fast::cpu::DEFAULT::kernel_table()};
@@ -156,6 +225,8 @@ int main() {
   }
   std::printf("dispatch picks %s\n", smarter_fast::cpu::kernels().name);
   test_operators();
+  test_attention_operator();
+  test_layer_norm_operator();
   std::printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;
 }
