@@ -5,10 +5,6 @@ steps on odd sizes. Tolerance (CUDA tests too): fp32, atol 1e-6 / rtol 1e-5 on p
 moments after the steps - a few ulps, from fused multiply-adds and the fp32 step size.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,28 +15,12 @@ from smarter_fast.ops.adamw import ref
 triton = pytest.importorskip("triton", reason="Triton is not installed: no Triton kernels to test")
 from smarter_fast.ops.adamw import triton as tri  # noqa: E402
 
-# Triton picks interpreter or GPU compilation when it is imported, so the interpreter tests need
-# TRITON_INTERPRET=1 from the start. Without it, one test reruns this file in a subprocess that
-# has it (so a plain `pytest` still tests every kernel) and the others skip.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-@pytest.mark.skipif(INTERPRETING, reason="already running in the interpreter")
-def test_in_interpreter_subprocess():
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    env.pop("SMARTER_FAST_BACKEND", None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+# CPU tests run in Triton's interpreter: see tests/ops/conftest.py.
+NEEDS_TRITON_INTERPRETER = True
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, request):
-    if request.node.name.startswith("test_in_interpreter_subprocess"):
-        return
-    if not INTERPRETING:
-        pytest.skip("needs TRITON_INTERPRET=1 at start-up; covered by test_in_interpreter_subprocess")
-    monkeypatch.delenv("SMARTER_FAST_BACKEND", raising=False)
+def test_in_interpreter_subprocess(rerun_in_interpreter):
+    rerun_in_interpreter(__file__)
 
 
 def _state(n, seed):

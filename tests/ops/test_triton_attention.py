@@ -9,10 +9,6 @@ exactly in fp32, so these tests cannot show TF32 or tensor-core rounding. Tolera
   ref_lowp is the same-precision PyTorch reference (the flash-attention test rule).
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,28 +22,12 @@ from smarter_fast.ops.attention import triton as tri  # noqa: E402
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
-# Triton picks interpreter or GPU compilation when it is imported, so the interpreter tests need
-# TRITON_INTERPRET=1 from the start. Without it, one test reruns this file in a subprocess that
-# has it (so a plain `pytest` still tests every kernel) and the others skip.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-@pytest.mark.skipif(INTERPRETING, reason="already running in the interpreter")
-def test_in_interpreter_subprocess():
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    env.pop("SMARTER_FAST_BACKEND", None)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+# CPU tests run in Triton's interpreter: see tests/ops/conftest.py.
+NEEDS_TRITON_INTERPRETER = True
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch, request):
-    if request.node.name.startswith("test_in_interpreter_subprocess"):
-        return
-    if not INTERPRETING:
-        pytest.skip("needs TRITON_INTERPRET=1 at start-up; covered by test_in_interpreter_subprocess")
-    monkeypatch.delenv("SMARTER_FAST_BACKEND", raising=False)
+def test_in_interpreter_subprocess(rerun_in_interpreter):
+    rerun_in_interpreter(__file__)
 
 
 def assert_close_to_ref(got, want32, want_lowp, dtype, what):
