@@ -18,3 +18,31 @@ def skip_unless_cpp():
             pytest.skip(f"cpp backend of {op_name} unavailable: {why}")
 
     return check
+
+
+@pytest.fixture(scope="session")
+def make_tiny_run(tmp_path_factory):
+    """Call with per-task file sizes (see smarter_fast.data.demo.write_demo_data): returns
+    (checkpoint dir, data dir) for end-to-end CLI tests, a small random BERT over a character
+    vocabulary and SYNTHETIC data in the CS224N layout. Keyword arguments go to BertConfig."""
+    import string
+
+    import torch
+
+    from smarter_fast.data.demo import write_demo_data
+    from smarter_fast.model import BertConfig, BertModel, save_checkpoint
+
+    def make(sizes: dict, name: str = "tiny", **config):
+        root = tmp_path_factory.mktemp(name)
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab += list(string.ascii_lowercase + string.digits + ".,?!'-")
+        vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
+        (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        torch.manual_seed(0)
+        cfg = BertConfig(**{"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "intermediate_size": 64,
+                            "max_position_embeddings": 128, **config})
+        ckpt = save_checkpoint(BertModel(cfg), root / "ckpt", cfg, vocab_file=root / "vocab.txt")
+        return ckpt, write_demo_data(root / "data", sizes=sizes)
+
+    return make

@@ -1,14 +1,10 @@
 """`python -m smarter_fast.ablate` on tiny data with a tiny random BERT: every configuration
 trains, report.md has the table, plots and error analysis, and a restart skips finished ones."""
 
-import string
 
 import pytest
-import torch
 
 from smarter_fast.ablate import NAMES, main
-from smarter_fast.data.demo import write_demo_data
-from smarter_fast.model import BertConfig, BertModel, save_checkpoint
 
 SIZES = {
     "sst": {"train": 12, "dev": 10, "test-student": 2},
@@ -18,17 +14,9 @@ SIZES = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_ablate")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += list(string.ascii_lowercase + string.digits + ".,?!'-")
-    vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=96)
-    ckpt = save_checkpoint(BertModel(cfg), root / "ckpt", cfg, vocab_file=root / "vocab.txt")
-    return ckpt, write_demo_data(root / "data", sizes=SIZES)
+def tiny(make_tiny_run):
+    return make_tiny_run(SIZES, "tiny_ablate", hidden_size=16, num_hidden_layers=1,
+                         intermediate_size=32, max_position_embeddings=96)
 
 
 def test_ablate_tiny_end_to_end_and_restart(tiny, tmp_path, capsys):

@@ -3,7 +3,6 @@ one-process run with the same global batch; only rank 0 writes; sharding helpers
 
 import json
 import os
-import string
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smarter_fast.data.demo import write_demo_data
 from smarter_fast.distributed import CallModule, shard
-from smarter_fast.model import BertConfig, BertModel, save_checkpoint
 from smarter_fast.train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,17 +36,9 @@ def test_call_module_runs_any_forward():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_ddp")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += list(string.ascii_lowercase + string.digits + ".,?!'-")
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic
-    ckpt = save_checkpoint(BertModel(cfg), root / "ckpt", cfg, vocab_file=root / "vocab.txt")
-    return ckpt, write_demo_data(root / "data", sizes=SIZES)
+def tiny(make_tiny_run):
+    return make_tiny_run(SIZES, "tiny_ddp", hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)  # deterministic
 
 
 def common(tiny, out, batch):

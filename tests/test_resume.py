@@ -7,7 +7,6 @@ import math
 import os
 import random
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -16,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from smarter_fast.data.demo import write_demo_data
-from smarter_fast.model import BertConfig, BertModel, save_checkpoint
 from smarter_fast.state import find_last_checkpoint, read_state
 from smarter_fast.train import main
 
@@ -29,17 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_resume")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += list(string.ascii_lowercase + string.digits + ".,?!'-")
-    vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    ckpt = save_checkpoint(BertModel(cfg), root / "ckpt", cfg, vocab_file=root / "vocab.txt")
-    return ckpt, write_demo_data(root / "data", sizes=SIZES)
+def tiny(make_tiny_run):
+    return make_tiny_run(SIZES, "tiny_resume")
 
 
 def argv(tiny, out, *extra):

@@ -1,16 +1,12 @@
 """`python -m smarter_fast.train` end to end on tiny data with a tiny random BERT checkpoint."""
 
 import json
-import string
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from smarter_fast.data.demo import write_demo_data
-from smarter_fast.model import BertConfig, BertModel, save_checkpoint
 from smarter_fast.train import main
 
 TINY_SIZES = {
@@ -21,19 +17,9 @@ TINY_SIZES = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(make_tiny_run):
     """(checkpoint dir, data dir): a 2-layer hidden-32 BERT over a character vocabulary."""
-    root = tmp_path_factory.mktemp("tiny")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab += list(string.ascii_lowercase + string.digits + ".,?!'-")
-    vocab += ["##" + c for c in string.ascii_lowercase + string.digits]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    ckpt = save_checkpoint(BertModel(cfg), root / "ckpt", cfg, vocab_file=root / "vocab.txt")
-    data = write_demo_data(root / "data", sizes=TINY_SIZES)
-    return ckpt, data
+    return make_tiny_run(TINY_SIZES)
 
 
 def run(tiny, out, *extra):
