@@ -144,8 +144,14 @@ def op(name: str) -> Op:
 
 # ---- availability shared by the backends -------------------------------------------------
 
-def cpp_availability(schema_name: str) -> Callable[[], str | None]:
-    """cpp is usable when the extension loaded and registered a CPU kernel for the op."""
+_python_registrations_done: set = set()
+
+
+def cpp_availability(schema_name: str,
+                     register: Callable[[], None] | None = None) -> Callable[[], str | None]:
+    """cpp is usable when the extension loaded and registered a CPU kernel for the op.
+    `register` (the op's fake and autograd registrations, which need the C++ schema to exist)
+    runs once, the first time the op is found usable."""
 
     def availability() -> str | None:
         from .. import _ext
@@ -156,6 +162,9 @@ def cpp_availability(schema_name: str) -> Callable[[], str | None]:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(
                 f"smarter_fast::{schema_name}", "CPU"):
             return "no C++ kernel for this op in the loaded extension"
+        if register is not None and register not in _python_registrations_done:
+            _python_registrations_done.add(register)
+            register()
         return None
 
     return availability

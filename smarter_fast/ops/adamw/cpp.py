@@ -4,22 +4,14 @@ import torch
 
 from ..registry import cpp_availability
 
-_registered = False
-_inner = cpp_availability("adamw_step_")
+def register() -> None:
+    @torch.library.register_fake("smarter_fast::adamw_step_")
+    def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
+          correct_bias):
+        return None
 
 
-def availability():
-    global _registered
-    why = _inner()
-    if why is None and not _registered:
-        _registered = True
-
-        @torch.library.register_fake("smarter_fast::adamw_step_")
-        def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
-              correct_bias):
-            return None
-
-    return why
+availability = cpp_availability("adamw_step_", register)
 
 
 def check(param, grad, exp_avg, exp_avg_sq, **_):

@@ -34,8 +34,6 @@ import torch
 from ..registry import cpp_availability
 from .ref import draw_dropout_seed
 
-_registered = False
-
 
 def _padded_like(q):
     B, H, L, D = q.shape
@@ -44,10 +42,6 @@ def _padded_like(q):
 
 def register() -> None:
     """Adds the Python-side registrations once the extension has defined the ops."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
 
     @torch.library.register_fake("smarter_fast::attention_fwd")
     def _(q, k, v, attention_mask, dropout_p=0.0, seed=0):
@@ -108,20 +102,9 @@ def _with_defaults(inputs, n_required):
     return inputs + (0.0, 0)[len(inputs) - n_required:]
 
 
-def _available(name):
-    inner = cpp_availability(name)
 
-    def availability():
-        why = inner()
-        if why is None:
-            register()
-        return why
-
-    return availability
-
-
-availability = _available("attention_fwd")
-varlen_availability = _available("attention_varlen_fwd")
+availability = cpp_availability("attention_fwd", register)
+varlen_availability = cpp_availability("attention_varlen_fwd", register)
 
 
 def check(q, k, v, dropout_p=0.0, **_):

@@ -12,8 +12,6 @@ import torch
 
 from ..registry import cpp_availability
 
-_registered = False
-
 
 def draw_seed() -> int:
     """A 62-bit seed from torch's default generator (drawn only when dropout_p > 0)."""
@@ -21,10 +19,7 @@ def draw_seed() -> int:
 
 
 def register() -> None:
-    global _registered
-    if _registered:
-        return
-    _registered = True
+    """Fake and autograd registrations (the C++ schemas must exist first)."""
 
     @torch.library.register_fake("smarter_fast::dropout_add_layer_norm")
     def _(x, h, weight, bias, eps, dropout_p=0.0, seed=0):
@@ -57,14 +52,7 @@ def register() -> None:
                                     setup_context=setup)
 
 
-_inner = cpp_availability("dropout_add_layer_norm")
-
-
-def availability():
-    why = _inner()
-    if why is None:
-        register()
-    return why
+availability = cpp_availability("dropout_add_layer_norm", register)
 
 
 class _Fn(torch.autograd.Function):

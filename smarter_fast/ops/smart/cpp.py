@@ -8,15 +8,9 @@ import torch
 
 from ..registry import cpp_availability
 
-_registered = False
-
 
 def register() -> None:
     """Adds the Python-side registrations once the extension has defined the ops."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
 
     @torch.library.register_fake("smarter_fast::smart_mse")
     def _(a, b):
@@ -48,20 +42,9 @@ def register() -> None:
     torch.library.register_autograd("smarter_fast::smart_noise", noise_backward)
 
 
-def _available(name):
-    inner = cpp_availability(name)
 
-    def availability():
-        why = inner()
-        if why is None:
-            register()
-        return why
-
-    return availability
-
-
-mse_availability = _available("smart_mse")
-noise_availability = _available("smart_noise")
+mse_availability = cpp_availability("smart_mse", register)
+noise_availability = cpp_availability("smart_noise", register)
 
 
 def smart_noise(x: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
