@@ -87,12 +87,20 @@ class Extras:
         self.args = args
         self.surgery = (GradientSurgery(model, TASK_ORDER, args.grad_surgery, seed=args.seed)
                         if getattr(args, "grad_surgery", "off") != "off" else None)
-        steps_per_epoch = [len(schedule.group_steps(e)) if self.surgery else len(schedule.epoch_steps(e))
-                           for e in range(args.epochs)]
-        self.total_steps = sum(steps_per_epoch)
         kind = getattr(args, "lr_schedule", "constant")
-        warm = warmup_steps(self.total_steps, getattr(args, "warmup_ratio", 0.0), getattr(args, "warmup_steps", None))
-        self.lr = LRSchedule(optimizer, self.total_steps, warm, kind) if (kind != "constant" or warm) else None
+        ratio, fixed = getattr(args, "warmup_ratio", 0.0), getattr(args, "warmup_steps", None)
+        self.budgeted = getattr(args, "time_budget", None) is not None
+        if args.epochs is None:  # --time-budget alone: the number of steps is unknown
+            self.total_steps = None
+        else:
+            self.total_steps = sum(len(schedule.group_steps(e)) if self.surgery else len(schedule.epoch_steps(e))
+                                   for e in range(args.epochs))
+        if self.budgeted:  # the schedule follows the fraction of the budget spent (lr_schedule)
+            warm, warm_fraction = (fixed or 0), (0.0 if fixed is not None else ratio)
+        else:
+            warm, warm_fraction = warmup_steps(self.total_steps, ratio, fixed), 0.0
+        self.lr = (LRSchedule(optimizer, self.total_steps, warm, kind, warm_fraction)
+                   if (kind != "constant" or warm or warm_fraction) else None)
         self.teacher = (EmaTeacher(model, args.smart_full_beta)
                         if args.smart == "full" and getattr(args, "smart_full_bregman", False) else None)
 
@@ -104,7 +112,11 @@ class Extras:
                          f"lambda {a.smart_full_lambda:g} "
                          + (f"epsilon-ball {a.smart_full_epsilon:g}" if a.smart_full_epsilon else "L-inf step")
                          + (" bregman" if self.teacher else ""))
-        if self.lr is not None:
+        if self.lr is not None and self.budgeted:
+            warm = (f"{self.lr.warmup} steps" if self.lr.warmup
+                    else f"{self.lr.warmup_fraction:g} of the budget")
+            parts.append(f"lr {self.lr.kind} to the end of the time budget, warm-up {warm}")
+        elif self.lr is not None:
             parts.append(f"lr {self.lr.kind}, warm-up {self.lr.warmup} of {self.total_steps} steps")
         if a.layer_decay != 1.0:
             parts.append(f"layer decay {a.layer_decay:g}")
@@ -113,9 +125,10 @@ class Extras:
         return "; ".join(parts)
 
     # -- per step ------------------------------------------------------------------------------
-    def before_step(self, global_step: int) -> None:
+    def before_step(self, global_step: int, progress: float | None = None) -> None:
+        """progress: fraction of the --time-budget spent (None without a budget)."""
         if self.lr is not None:
-            self.lr.apply(global_step)
+            self.lr.apply(global_step, progress if self.budgeted else None)
 
     def after_step(self, model) -> None:
         if self.teacher is not None:
@@ -141,14 +154,16 @@ class Extras:
 
     # -- gradient surgery epoch -----------------------------------------------------------------
     def surgery_epoch(self, model, optimizer, schedule, train_data, epoch, args, device, global_step,
-                      epoch_label, synthetic, to_device):
-        """One epoch of gradient-surgery steps; returns (stats, global_step) like train_epoch."""
+                      epoch_label, synthetic, to_device, clock=None):
+        """One epoch of gradient-surgery steps; returns (stats, global_step) like train_epoch
+        (`clock`: the run's TrainingClock for --time-budget, or None)."""
         from tqdm import tqdm
         groups = schedule.group_steps(epoch)
         sums = {t: 0.0 for t in TASK_ORDER}
         counts = {t: 0 for t in TASK_ORDER}
         smart_sum, smart_n, seen, skipped = 0.0, 0, 0, 0
         cos_sum, cos_n = 0.0, 0
+        exhausted = False
         autocast = args.precision == "bf16"
         model.train()
         torch.manual_seed(step_seed(args.seed, 10_000_019 + epoch))
@@ -178,7 +193,7 @@ class Extras:
                         off = c[~torch.eye(c.shape[0], dtype=torch.bool)]
                         cos_sum += float(off.mean())
                         cos_n += 1
-                    self.before_step(global_step)
+                    self.before_step(global_step, clock.progress(time.perf_counter() - t0) if clock else None)
                     optimizer.step()
                     self.after_step(model)
                     for task, (v, n, term) in values.items():
@@ -196,6 +211,9 @@ class Extras:
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 bar.update(1)
+                if clock is not None and clock.exhausted(time.perf_counter() - t0):
+                    exhausted = True
+                    break
         finally:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -210,6 +228,7 @@ class Extras:
             "nonfinite_skipped": skipped,
             "grad_surgery": args.grad_surgery,
             "task_grad_cosine": cos_sum / cos_n if cos_n else None,
+            "budget_exhausted": exhausted,
         }
         return stats, global_step
 

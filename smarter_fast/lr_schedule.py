@@ -8,6 +8,10 @@
 `step` is the global optimizer step (0-based: the lr used by the step about to be taken), so the
 schedule is a pure function of the step count and a resumed run continues it exactly.
 
+Under a time budget (`--time-budget`) the number of steps is not known in advance: the schedule
+then runs on `progress`, the fraction of the budget spent (or of the steps, when --epochs ends
+training first), and a warm-up ratio is a fraction of the budget (`lr_factor_at`).
+
 Layer-wise decay (`param_groups(model, lr, layer_decay)`): the heads and the pooler get `lr`,
 encoder layer i (0-based, of n) gets lr * decay^(n - i), the embeddings lr * decay^(n + 1).
 """
@@ -28,6 +32,22 @@ def lr_factor(step: int, total: int, warmup: int = 0, kind: str = "constant") ->
         return 1.0
     span = max(1, total - warmup)
     frac = min(max((step - warmup) / span, 0.0), 1.0)
+    if kind == "linear":
+        return max(0.0, 1.0 - frac)
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def lr_factor_at(progress: float, warmup_fraction: float = 0.0, kind: str = "constant") -> float:
+    """Factor at `progress` (fraction of training done, in [0, 1]) with a warm-up over the first
+    `warmup_fraction` of it; the time-budget counterpart of lr_factor."""
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {kind!r}; expected one of {', '.join(LR_SCHEDULES)}")
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup_fraction > 0 and progress < warmup_fraction:
+        return max(progress / warmup_fraction, 0.01)  # never 0: the first step moves
+    if kind == "constant":
+        return 1.0
+    frac = (progress - warmup_fraction) / max(1e-12, 1.0 - warmup_fraction)
     if kind == "linear":
         return max(0.0, 1.0 - frac)
     return 0.5 * (1.0 + math.cos(math.pi * frac))
@@ -78,22 +98,37 @@ def param_groups(model, lr: float, layer_decay: float = 1.0, weight_decay: float
 class LRSchedule:
     """Sets every group's lr to base_lr * factor(step) before each optimizer step."""
 
-    def __init__(self, optimizer, total_steps: int, warmup: int = 0, kind: str = "constant"):
+    def __init__(self, optimizer, total_steps: int | None, warmup: int = 0, kind: str = "constant",
+                 warmup_fraction: float = 0.0):
+        """total_steps None: a time-budget run, driven by `progress` alone. warmup (steps) and
+        warmup_fraction (of progress, for time-budget runs) are alternatives."""
         if kind not in LR_SCHEDULES:
             raise ValueError(f"unknown lr schedule {kind!r}; expected one of {', '.join(LR_SCHEDULES)}")
-        self.optimizer, self.total, self.warmup, self.kind = optimizer, int(total_steps), int(warmup), kind
+        self.optimizer, self.kind = optimizer, kind
+        self.total = None if total_steps is None else int(total_steps)
+        self.warmup, self.warmup_fraction = int(warmup), float(warmup_fraction)
         for g in optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
 
-    def factor(self, step: int) -> float:
-        return lr_factor(step, self.total, self.warmup, self.kind)
+    def factor(self, step: int, progress: float | None = None) -> float:
+        """Step-driven; or, given the time-budget `progress`, driven by the larger of progress and
+        step / total_steps (whichever end comes first)."""
+        if progress is None:
+            if self.total is None:
+                raise ValueError("a time-budget schedule (total_steps None) needs progress")
+            return lr_factor(step, self.total, self.warmup, self.kind)
+        if self.total:
+            progress = max(progress, step / self.total)
+        if self.warmup and step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        return lr_factor_at(progress, self.warmup_fraction, self.kind)
 
-    def apply(self, step: int) -> float:
-        """Set the lrs for global step `step`; returns the factor."""
-        f = self.factor(step)
+    def apply(self, step: int, progress: float | None = None) -> float:
+        """Set the lrs for global step `step` (and time-budget progress); returns the factor."""
+        f = self.factor(step, progress)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * f
         return f
 
 
-__all__ = ["LR_SCHEDULES", "lr_factor", "warmup_steps", "layer_depths", "param_groups", "LRSchedule"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "lr_factor_at", "warmup_steps", "layer_depths", "param_groups", "LRSchedule"]

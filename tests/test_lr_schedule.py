@@ -41,3 +41,31 @@ def test_layer_decay_groups_and_schedule():
     sched.apply(5)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 / 16, 1e-3 / 8, 1e-3 / 4, 1e-3 / 2])
     assert len(param_groups(model, 1e-3)) == 1
+
+
+def test_time_budget_factors_follow_progress():
+    from smarter_fast.lr_schedule import lr_factor_at
+    assert lr_factor_at(0.0, 0.1, "linear") == pytest.approx(0.01)  # never 0
+    assert lr_factor_at(0.05, 0.1, "linear") == pytest.approx(0.5)
+    assert lr_factor_at(0.1, 0.1, "linear") == pytest.approx(1.0)
+    assert lr_factor_at(0.55, 0.1, "linear") == pytest.approx(0.5)
+    assert lr_factor_at(1.0, 0.1, "linear") == 0.0
+    assert lr_factor_at(1.7, 0.1, "linear") == 0.0  # past the budget's end
+    assert lr_factor_at(0.55, 0.1, "cosine") == pytest.approx(0.5)
+    assert lr_factor_at(0.3, 0.0, "constant") == 1.0
+
+
+def test_time_budget_schedule_ends_at_whichever_comes_first():
+    import torch
+    from smarter_fast.lr_schedule import LRSchedule
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.2)
+    budget_only = LRSchedule(opt, None, kind="linear", warmup_fraction=0.0)
+    assert budget_only.apply(5, progress=0.25) == pytest.approx(0.75)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="needs progress"):
+        budget_only.factor(5)
+    both = LRSchedule(opt, 100, kind="linear")
+    assert both.factor(80, progress=0.25) == pytest.approx(0.2)  # the steps end first
+    assert both.factor(10, progress=0.5) == pytest.approx(0.5)  # the budget ends first
+    stepped_warmup = LRSchedule(opt, None, warmup=4, kind="linear")
+    assert stepped_warmup.factor(1, progress=0.0) == pytest.approx(2 / 5)

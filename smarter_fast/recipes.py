@@ -1,0 +1,63 @@
+"""Named training recipes for `python -m smarter_fast.train --recipe NAME`.
+
+A recipe is a set of flag defaults: `--recipe minilm-cpu --lr 1e-4` takes everything from the
+recipe except the learning rate. The resolved recipe is printed at the start of a run and recorded
+in every row of metrics.jsonl (`recipe`, `recipe_settings`), explicit overrides included.
+
+- report:     the "SMARTer BERT" report's recipe, unchanged (batch 8, lr 1e-5, split1, tasks one
+              after the other, [CLS] pooling, one sequence per pair, fp32); the CLI's defaults.
+- minilm-cpu: the most dev quality per CPU-minute found for the embedded all-MiniLM-L6-v2 on a
+              2-core AVX-512 CPU (search and table: README, "Recipes").
+"""
+
+from __future__ import annotations
+
+RECIPES: dict[str, dict] = {
+    "report": {},
+    "minilm-cpu": {
+        "pooling": "mean",  # the checkpoint was trained as a mean-pooling sentence encoder
+        "pair_features": "both",  # cross-encoded pair + cosine/product/difference of u and v
+        "schedule": "sqrt",  # batches of all tasks interleaved: nothing is forgotten
+        "batch_size": 16,
+        "lr": 5e-5,
+        "lr_schedule": "linear",
+        "warmup_ratio": 0.05,
+        "dropout": 0.1,
+        "precision": "bf16",
+    },
+}
+
+
+def recipe_defaults(name: str) -> dict:
+    """The flag defaults (argparse dest -> value) of recipe `name`."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}")
+    return dict(RECIPES[name])
+
+
+# The settings a recipe is made of, printed in this order at the start of a run.
+RECIPE_KEYS = ("pooling", "pair_features", "schedule", "split_parts", "interleave", "batch_size",
+               "lr", "lr_schedule", "warmup_ratio", "layer_decay", "weight_decay", "dropout",
+               "smart", "precision", "epochs", "time_budget")
+
+
+def describe(name: str, args, parser_defaults: dict) -> tuple[dict, dict]:
+    """(settings, overrides): every RECIPE_KEYS value this run uses, and those an explicit flag
+    changed from the recipe ({key: (recipe value, used value)}). `parser_defaults` are the CLI's
+    own defaults (what the recipe does not set)."""
+    preset = recipe_defaults(name)
+    settings = {k: getattr(args, k) for k in RECIPE_KEYS if hasattr(args, k)}
+    overrides = {}
+    for k, used in settings.items():
+        recipe_value = preset.get(k, parser_defaults.get(k))
+        if used != recipe_value:
+            overrides[k] = (recipe_value, used)
+    return settings, overrides
+
+
+def format_settings(settings: dict) -> str:
+    return ", ".join(f"{k.replace('_', '-')} {'-' if v is None else format(v, 'g') if isinstance(v, float) else v}"
+                     for k, v in settings.items())
+
+
+__all__ = ["RECIPES", "RECIPE_KEYS", "recipe_defaults", "describe", "format_settings"]
