@@ -53,6 +53,17 @@ def task_forward(model, task: str, batch: dict) -> torch.Tensor:
     return model(HEAD_OF[task], batch["input_ids"], batch["attention_mask"], type_ids)
 
 
+def _fuse_rows(tensors, parts: int) -> torch.Tensor:
+    """Concatenate batches for one fused pass. Pair batches in the stacked layout (bi / both:
+    `parts` blocks of B rows, [s1; s2] or [pair; s1; s2]) are joined block by block,
+    [a_1; b_1; a_2; b_2; ...], which the model reads as one stacked batch of 2B examples whose
+    first B are a's and last B are b's; plain batches (parts 1) are simply stacked."""
+    if parts == 1:
+        return torch.cat(tensors)
+    blocks = [t.split(t.shape[0] // parts) for t in tensors]
+    return torch.cat([block for group in zip(*blocks) for block in group])
+
+
 def smart_simple_loss(model, task: str, batch: dict, sigma: float, lam: float, seed: int,
                       backend: str = "auto", fuse_batch: bool | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,13 +78,17 @@ def smart_simple_loss(model, task: str, batch: dict, sigma: float, lam: float, s
     head = HEAD_OF[task]
     type_ids = batch.get("token_type_ids") if task != "sst" else None
     mask = batch["attention_mask"]
-    E = model.bert.embed(batch["input_ids"], type_ids)  # (B, L, H), computed once
+    # (N, L, H), computed once; N = B, or 2B / 3B rows for bi / both pair batches (stacked)
+    E = model.bert.embed(batch["input_ids"], type_ids)
     E_noisy = ops.smart_noise(E, sigma, seed, backend=backend)
     if fuse_batch is None:
         fuse_batch = E.is_cuda
     if fuse_batch:
-        both = model.heads_from_embeddings(head, torch.cat([E, E_noisy]), torch.cat([mask, mask]))
-        clean, perturbed = both[:E.shape[0]], both[E.shape[0]:]
+        parts = model.rows_per_example(head)
+        both = model.heads_from_embeddings(head, _fuse_rows([E, E_noisy], parts),
+                                           _fuse_rows([mask, mask], parts))
+        n = both.shape[0] // 2  # outputs: B clean, then B perturbed
+        clean, perturbed = both[:n], both[n:]
     else:
         clean = model.heads_from_embeddings(head, E, mask)
         perturbed = model.heads_from_embeddings(head, E_noisy, mask)
@@ -121,7 +136,8 @@ def adversarial_perturbation(model, task: str, E: torch.Tensor, mask: torch.Tens
                              steps: int = 1, epsilon: float | None = None, keep_dropout: bool = False,
                              generator: torch.Generator | None = None,
                              return_losses: bool = False):
-    """The adversarial perturbation delta of the embedding output E (B, L, H), detached.
+    """The adversarial perturbation delta of the embedding output E (N, L, H), detached
+    (every row, the stacked s1 / s2 rows of bi / both pair batches included).
 
     delta starts as N(0, sigma^2) (zero on padding); each of `steps` ascent steps takes the
     gradient g of D(f(E + delta), target) and moves delta to (delta + eta g) normalised per token
@@ -135,7 +151,7 @@ def adversarial_perturbation(model, task: str, E: torch.Tensor, mask: torch.Tens
     delta = (noise.to(E0.device, E0.dtype) * sigma)
     pad = None
     if mask is not None:
-        pad = mask.to(E0.dtype).unsqueeze(-1)  # (B, L, 1)
+        pad = mask.to(E0.dtype).unsqueeze(-1)  # (N, L, 1)
         delta = delta * pad
     losses = []
     with dropout_off(model, not keep_dropout), torch.enable_grad():
@@ -202,8 +218,8 @@ def smart_full_loss(model, task: str, batch: dict, *, sigma: float = 1e-5, eta: 
     head = HEAD_OF[task]
     type_ids = batch.get("token_type_ids") if task != "sst" else None
     mask = batch["attention_mask"]
-    E = model.bert.embed(batch["input_ids"], type_ids)  # (B, L, H)
-    clean = model.heads_from_embeddings(head, E, mask)
+    E = model.bert.embed(batch["input_ids"], type_ids)  # (N, L, H): N = B, 2B or 3B rows
+    clean = model.heads_from_embeddings(head, E, mask)  # (B, ...)
     loss = task_loss(task, clean, batch["labels"])
     g = torch.Generator().manual_seed(int(seed))
     delta = adversarial_perturbation(model, task, E, mask, clean, sigma=sigma, eta=eta, steps=steps,

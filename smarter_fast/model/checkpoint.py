@@ -128,6 +128,30 @@ def read_config(directory) -> BertConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
+def read_head_options(directory) -> dict:
+    """{"pooling", "pair_features"} saved in a MultitaskBert checkpoint's config.json (keys
+    smarter_fast_pooling / smarter_fast_pair_features); absent keys are left out, so a plain
+    Hugging Face BERT directory gives {}. ValueError naming the file for an unknown value."""
+    from .heads import CONFIG_KEYS, PAIR_FEATURES, POOLINGS
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        return {}
+    try:
+        d = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    out = {}
+    for name, choices in (("pooling", POOLINGS), ("pair_features", PAIR_FEATURES)):
+        value = d.get(CONFIG_KEYS[name])
+        if value is None:
+            continue
+        if value not in choices:
+            raise ValueError(f"{file}: {CONFIG_KEYS[name]} is {value!r}; expected one of "
+                             f"{', '.join(choices)}")
+        out[name] = value
+    return out
+
+
 def read_weights(directory) -> tuple[dict, Path]:
     """The raw tensors of model.safetensors (preferred) or pytorch_model.bin, on the CPU."""
     directory = Path(directory)
@@ -209,9 +233,12 @@ def warn_unused(extra: dict, source) -> None:
                       stacklevel=3)
 
 
-def save_checkpoint(model_or_state, directory, config, vocab_file=None) -> Path:
+def save_checkpoint(model_or_state, directory, config, vocab_file=None,
+                    extra_config: dict | None = None) -> Path:
     """Write model.safetensors (HF layout) and config.json to directory, and copy vocab.txt
-    (vocab_file, else the tokenizer files of the directory the model was loaded from)."""
+    (vocab_file, else the tokenizer files of the directory the model was loaded from).
+    config.json also gets extra_config and, for a model with checkpoint_config() (MultitaskBert:
+    pooling, pair_features), those keys; Hugging Face loaders ignore keys they do not know."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     source = None
@@ -227,6 +254,9 @@ def save_checkpoint(model_or_state, directory, config, vocab_file=None) -> Path:
     from safetensors.torch import save_file
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     cfg = config.to_dict() if isinstance(config, BertConfig) else dict(config)
+    if isinstance(model_or_state, nn.Module) and hasattr(model_or_state, "checkpoint_config"):
+        cfg.update(model_or_state.checkpoint_config())
+    cfg.update(extra_config or {})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     if vocab_file is not None:
         shutil.copyfile(vocab_file, directory / "vocab.txt")
@@ -237,5 +267,5 @@ def save_checkpoint(model_or_state, directory, config, vocab_file=None) -> Path:
     return directory
 
 
-__all__ = ["default_checkpoint_dir", "read_config", "read_weights", "load_bert_state",
+__all__ = ["default_checkpoint_dir", "read_config", "read_head_options", "read_weights", "load_bert_state",
            "load_pretrained_bert", "save_checkpoint", "to_hf_state_dict", "from_hf_state_dict"]
