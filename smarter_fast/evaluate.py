@@ -44,39 +44,74 @@ PRED_HEADERS = {"sst": "Predicted_Sentiment", "quora": "Predicted_Is_Paraphrase"
 
 # ---- encoding ------------------------------------------------------------------------------------
 class EncodedTask:
-    """One task's examples tokenized: ids, type_ids, labels (None for test) and example ids."""
+    """One task's examples tokenized: ids, type_ids, labels (None for test) and example ids.
 
-    def __init__(self, task: str, examples, tokenizer):
+    Pair tasks follow the model's `pair_features` layout: cross, one `[CLS] s1 [SEP] s2 [SEP]`
+    sequence per example; bi, s1 and s2 tokenized separately (`[CLS] s [SEP]`) and a batch of B
+    examples padded as 2B rows [s1 rows; s2 rows]; both, 3B rows [pair rows; s1 rows; s2 rows].
+    `parts` holds one (ids, type_ids) per block; `ids` / `type_ids` are the first block's.
+    `lengths` (for length bucketing): the pair length (cross, both), the longer sentence (bi).
+    Labels stay one per example."""
+
+    def __init__(self, task: str, examples, tokenizer, pair_features: str = "cross"):
+        from .model.heads import PAIR_FEATURES
+        if pair_features not in PAIR_FEATURES:
+            raise ValueError(f"pair_features must be one of {', '.join(PAIR_FEATURES)}, "
+                             f"got {pair_features!r}")
         self.task = task
+        self.pair_features = pair_features if task != "sst" else "cross"
         self.example_ids = [e.id for e in examples]
         if task == "sst":
-            self.ids, self.type_ids = encode_sentences(tokenizer, [e.sentence for e in examples])
+            self.parts = [encode_sentences(tokenizer, [e.sentence for e in examples])]
         else:
-            self.ids, self.type_ids = encode_pairs(tokenizer, [e.sentence1 for e in examples],
-                                                   [e.sentence2 for e in examples])
+            s1, s2 = [e.sentence1 for e in examples], [e.sentence2 for e in examples]
+            self.parts = []
+            if self.pair_features in ("cross", "both"):
+                self.parts.append(encode_pairs(tokenizer, s1, s2))
+            if self.pair_features in ("bi", "both"):
+                self.parts += [encode_sentences(tokenizer, s1), encode_sentences(tokenizer, s2)]
+        self.ids, self.type_ids = self.parts[0]
         labels = [e.label for e in examples]
         self.labels = None if not labels or labels[0] is None else labels
         if self.labels is not None:
             dtype = np.int64 if task == "sst" else np.float32
             self.labels = np.asarray(self.labels, dtype=dtype)
-        self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
+        if self.pair_features == "bi":
+            self.lengths = np.array([max(len(a), len(b)) for a, b in
+                                     zip(self.parts[0][0], self.parts[1][0])], dtype=np.int64)
+        else:
+            self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def rows_per_example(self) -> int:
+        return len(self.parts)
+
     def batch(self, indices, pad_id: int = 0) -> dict:
-        """Padded batch of these examples (labels included when known)."""
-        ids = [self.ids[i] for i in indices]
-        type_ids = [self.type_ids[i] for i in indices]
+        """Padded batch of these examples (labels included when known): B rows, or 2B / 3B
+        stacked rows for bi / both pairs, one padded batch."""
+        ids = [part[0][i] for part in self.parts for i in indices]
+        type_ids = [part[1][i] for part in self.parts for i in indices]
         b = pad_batch(ids, type_ids, None, pad_id=pad_id)
         if self.labels is not None:
             b["labels"] = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
         return b
 
 
-def encode_split(split_data, tokenizer) -> dict[str, EncodedTask]:
-    """CS224NSplit -> {task: EncodedTask}."""
-    return {t: EncodedTask(t, getattr(split_data, t), tokenizer) for t in TASKS}
+def encode_split(split_data, tokenizer, pair_features: str = "cross") -> dict[str, EncodedTask]:
+    """CS224NSplit -> {task: EncodedTask}, pair tasks in the `pair_features` layout."""
+    return {t: EncodedTask(t, getattr(split_data, t), tokenizer, pair_features) for t in TASKS}
+
+
+def _check_layout(model, data: EncodedTask) -> None:
+    """The batch layout of `data` must be the one the model splits its rows by."""
+    model_pf = getattr(model, "pair_features", None)
+    if data.task != "sst" and model_pf is not None and model_pf != data.pair_features:
+        raise ValueError(f"{data.task} data encoded with pair_features={data.pair_features!r} but "
+                         f"the model uses {model_pf!r}: encode with encode_split(..., "
+                         f"pair_features=model.pair_features)")
 
 
 # ---- inference -----------------------------------------------------------------------------------
@@ -84,6 +119,7 @@ def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
                   autocast_dtype=None) -> np.ndarray:
     """Raw model outputs for every example, in example order: (N, 5) SST logits, (N,) Quora
     logits, (N,) STS scores. Batches are cut from the examples sorted by length."""
+    _check_layout(model, data)
     was_training = model.training
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
@@ -198,18 +234,20 @@ def write_evaluation(model, tokenizer, data_dir, out_dir, batch_size: int = 64, 
                      dev_result: tuple | None = None) -> dict:
     """Dev metrics + prediction files for every dev and test-student split present in data_dir,
     the SST confusion matrix as JSON and PNG, and dev_metrics.json in out_dir. Returns the metrics.
-    `dev_result` = (metrics, predictions) from evaluate_dev on this model skips the dev pass."""
+    `dev_result` = (metrics, predictions) from evaluate_dev on this model skips the dev pass.
+    Data is encoded in the model's pair_features layout (`dev`, when given, must be too)."""
     out_dir = Path(out_dir)
     pred_dir = out_dir / "predictions"
+    pair_features = getattr(model, "pair_features", "cross")  # the batch layout the model takes
     if dev is None:
-        dev = encode_split(load_cs224n(data_dir, "dev"), tokenizer)
+        dev = encode_split(load_cs224n(data_dir, "dev"), tokenizer, pair_features)
     if dev_result is not None:  # (metrics, predictions) already computed for this very model
         metrics, preds = dev_result
     else:
         metrics, preds = evaluate_dev(model, dev, batch_size, device, autocast_dtype)
     for t in TASKS:
         write_predictions(pred_dir, t, "dev", dev[t].example_ids, preds[t])
-    test = encode_split(load_cs224n(data_dir, "test"), tokenizer)
+    test = encode_split(load_cs224n(data_dir, "test"), tokenizer, pair_features)
     for t in TASKS:
         if len(test[t]):
             p = predictions_from_outputs(t, model_outputs(model, test[t], batch_size, device, autocast_dtype))

@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the first N rows of each training file")
     d.add_argument("--max-length", type=_positive_int("--max-length"), default=128,
                    help="truncate encoded sequences to this many tokens")
+    d.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                   help="sentence vector: the [CLS] pooler output or the mean of the last hidden "
+                        "states (default: the checkpoint's, else cls)")
+    d.add_argument("--pair-features", choices=("cross", "bi", "both"), default=None,
+                   help="paraphrase/similarity head input: cross (one [CLS] s1 [SEP] s2 [SEP] "
+                        "sequence), bi (s1, s2 encoded apart: [u*v, |u-v|, cos]) or both "
+                        "(default: the checkpoint's, else cross)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_positive_int("--epochs"), default=10,
                    help="training epochs")
@@ -263,6 +270,31 @@ def resolve_data_dir(arg, out_dir: Path) -> tuple[Path, str, bool]:
 def _last_checkpoint(out_dir: Path) -> Path | None:
     from .state import find_last_checkpoint
     return find_last_checkpoint(out_dir)  # `last`, or `.last.old` after a crash between renames
+
+
+def _model_options(args, resume_dir) -> dict:
+    """{"pooling", "pair_features"} of the model to train (they decide how pairs are encoded):
+    on --resume the checkpoint's (a different explicit flag is an error), else the flags, else
+    as saved in --pretrained, else cls / cross. Written back into args (args.json)."""
+    from .model import MultitaskBert
+    src = resume_dir if resume_dir is not None else args.pretrained
+    try:
+        if resume_dir is not None:
+            options = MultitaskBert.resolve_options(src)
+            for key, value in options.items():
+                asked = getattr(args, key, None)
+                if asked is not None and asked != value:
+                    flag = "--" + key.replace("_", "-")
+                    raise UsageError(f"cannot resume from {resume_dir} with {flag} {asked}: it "
+                                     f"was trained with {flag} {value}")
+        else:
+            options = MultitaskBert.resolve_options(src, getattr(args, "pooling", None),
+                                                    getattr(args, "pair_features", None))
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    for key, value in options.items():
+        setattr(args, key, value)
+    return options
 
 
 # ---- checkpoints (atomic, fsynced: smarter_fast.state) ---------------------------------------------
@@ -444,8 +476,11 @@ def run(args) -> int:
         empty = [t for t in TASK_ORDER if not getattr(split, t)]
         if empty:
             raise UsageError(f"no usable {split.split} examples for {', '.join(empty)} in {data_dir}")
-    train_data = encode_split(train_split, tokenizer)
-    dev_data = encode_split(dev_split, tokenizer)
+    options = _model_options(args, resume_dir)  # pooling, pair_features: the pair batch layout
+    if options != {"pooling": "cls", "pair_features": "cross"}:
+        print(f"model: pooling {options['pooling']}, pair features {options['pair_features']}", flush=True)
+    train_data = encode_split(train_split, tokenizer, options["pair_features"])
+    dev_data = encode_split(dev_split, tokenizer, options["pair_features"])
     sizes = {t: len(train_data[t]) for t in TASK_ORDER}
     parts = resolve_split_parts(args.split_parts, sizes["sst"], sizes["quora"])
     schedule = Schedule(args.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
@@ -462,7 +497,7 @@ def run(args) -> int:
     # Model and optimizer (from the last checkpoint when resuming).
     try:
         model = MultitaskBert.from_pretrained(resume_dir if resume_dir is not None else args.pretrained,
-                                              dropout=args.dropout, backend=args.backend)
+                                              dropout=args.dropout, backend=args.backend, **options)
     except Exception as e:  # corrupt or foreign checkpoint (safetensors, torch.load, shapes)
         from .ops import BackendUnavailableError
         if isinstance(e, (BackendUnavailableError, ModuleNotFoundError, MemoryError)):
