@@ -2,6 +2,8 @@
 one command, with a markdown report.
 
     python -m smarter_fast.ablate --data-dir DIR --epochs N [--limit N] --out DIR [--only a,b]
+    python -m smarter_fast.ablate --data-dir DIR --only recipe --time-budget 8 --jobs 2 \
+        --num-threads 1 --out DIR          # the recipe search: minilm-cpu and one change at a time
 
 Every configuration trains with `python -m smarter_fast.train` (in this process by default, or
 one subprocess each with --subprocess) into --out/<config>/ and is marked done there
@@ -45,8 +47,27 @@ CONFIGS = [
     ("annealed", "sampler", ["--schedule", "annealed"]),
     ("pcgrad", "surgery", ["--schedule", "split1", "--grad-surgery", "pcgrad"]),
     ("gradvac", "surgery", ["--schedule", "split1", "--grad-surgery", "gradvac"]),
+    # the recipe search (--only recipe, with --time-budget): the report's recipe, the minilm-cpu
+    # recipe, and minilm-cpu with one setting changed
+    ("recipe-report", "recipe", ["--recipe", "report"]),
+    ("minilm-cpu", "recipe", ["--recipe", "minilm-cpu"]),
+    ("mc-pair-cross", "recipe", ["--recipe", "minilm-cpu", "--pair-features", "cross"]),
+    ("mc-pair-bi", "recipe", ["--recipe", "minilm-cpu", "--pair-features", "bi"]),
+    ("mc-pool-cls", "recipe", ["--recipe", "minilm-cpu", "--pooling", "cls"]),
+    ("mc-lr-1e-4", "recipe", ["--recipe", "minilm-cpu", "--lr", "1e-4"]),
+    ("mc-lr-2e-5", "recipe", ["--recipe", "minilm-cpu", "--lr", "2e-5"]),
+    ("mc-batch-32", "recipe", ["--recipe", "minilm-cpu", "--batch-size", "32"]),
+    ("mc-batch-8", "recipe", ["--recipe", "minilm-cpu", "--batch-size", "8"]),
+    ("mc-fp32", "recipe", ["--recipe", "minilm-cpu", "--precision", "fp32"]),
+    ("mc-split1", "recipe", ["--recipe", "minilm-cpu", "--schedule", "split1", "--interleave"]),
+    ("mc-proportional", "recipe", ["--recipe", "minilm-cpu", "--schedule", "proportional"]),
+    ("mc-smart", "recipe", ["--recipe", "minilm-cpu", "--smart", "simple"]),
+    ("mc-layer-decay", "recipe", ["--recipe", "minilm-cpu", "--layer-decay", "0.9"]),
+    ("mc-dropout-0", "recipe", ["--recipe", "minilm-cpu", "--dropout", "0"]),
 ]
 NAMES = [c[0] for c in CONFIGS]
+GROUPS = {g: [n for n, gg, _ in CONFIGS if gg == g] for _, g, _ in CONFIGS}
+DEFAULT_NAMES = [n for n, g, _ in CONFIGS if g != "recipe"]  # the recipe search is asked for by name
 SST_NAMES = ["very negative", "negative", "neutral", "positive", "very positive"]
 
 
@@ -54,10 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m smarter_fast.ablate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", required=True, help="CS224N data directory")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs per configuration (default: 2; with --time-budget: until the budget)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="training minutes per configuration (train --time-budget)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="configurations trained at once, one subprocess each (give each a share of "
+                        "the cores with --num-threads)")
     p.add_argument("--limit", type=int, default=None, help="keep the first N rows of each training file")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(NAMES)}")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated configurations or groups ({', '.join(GROUPS)}); default: all "
+                        f"but the recipe group; configurations: {', '.join(NAMES)}")
     p.add_argument("--pretrained", default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -92,8 +121,8 @@ def limited_data(src: Path, dst: Path, train_limit, dev_limit: int) -> Path:
 
 
 def train_argv(args, extra: list[str], out: Path) -> list[str]:
-    argv = ["--data-dir", str(args.data_dir), "--epochs", str(args.epochs), "--out", str(out)]
-    for flag, value in (("--limit", args.limit), ("--pretrained", args.pretrained),
+    argv = ["--data-dir", str(args.data_dir), "--out", str(out)]
+    for flag, value in (("--epochs", args.epochs), ("--time-budget", args.time_budget), ("--limit", args.limit), ("--pretrained", args.pretrained),
                         ("--batch-size", args.batch_size), ("--lr", args.lr),
                         ("--max-length", args.max_length), ("--num-threads", args.num_threads),
                         ("--seed", args.seed)):
@@ -153,6 +182,7 @@ def summarise(out: Path, names) -> list[dict]:
         best = max(rows, key=lambda r: r["mean_score"])
         secs = [r["train_seconds"] for r in rows]
         table.append({"name": name, "best_epoch": best["epoch"], "epochs": len(rows),
+                      "train_minutes": sum(secs) / 60.0,
                       **{k: best[k] for k in ("sst_acc", "quora_acc", "sts_pearson", "mean_score", "cs224n_score")},
                       "seconds_per_epoch": sum(secs) / len(secs),
                       "examples_per_second": sum(r["train_examples"] for r in rows) / max(sum(secs), 1e-9),
@@ -253,23 +283,26 @@ def write_report(args, out: Path, names, records: dict) -> Path:
     table = summarise(out, names)
     args_of = {n: a for n, _, a in CONFIGS}
     lines = [f"# Ablation report", "",
-             f"Data: `{args.data_dir}`; {args.epochs} epoch(s)"
+             f"Data: `{args.data_dir}`; "
+             + (f"time budget {args.time_budget:g} min" + (f", at most {args.epochs} epoch(s)" if args.epochs else "")
+                if args.time_budget else f"{args.epochs} epoch(s)")
              + (f", --limit {args.limit}" if args.limit else "")
              + (f", --dev-limit {args.dev_limit} (dev metrics on that subset)" if args.dev_limit else "")
              + (f"; extra train arguments `{args.train_args}`" if args.train_args else "")
              + ". Dev metrics of each configuration's best epoch (by mean score); time per epoch is "
                "the training loop only (no evaluation).", "",
-             "| config | train arguments | best epoch | SST acc | Quora acc | STS r | mean | CS224N | s/epoch | ex/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | train arguments | best epoch | SST acc | Quora acc | STS r | mean | CS224N | s/epoch | train min | ex/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
         a = " ".join(args_of.get(t["name"], []))
         if t.get("missing"):
             rc = records.get(t["name"], {}).get("rc")
-            lines.append(f"| {t['name']} | `{a}` | failed (rc {rc}) | | | | | | | |")
+            lines.append(f"| {t['name']} | `{a}` | failed (rc {rc}) | | | | | | | | |")
             continue
         lines.append(f"| {t['name']} | `{a}` | {t['best_epoch']}/{t['epochs']} | {t['sst_acc']:.3f} | "
                      f"{t['quora_acc']:.3f} | {t['sts_pearson']:.3f} | {t['mean_score']:.3f} | "
-                     f"{t['cs224n_score']:.3f} | {t['seconds_per_epoch']:.1f} | {t['examples_per_second']:.1f} |")
+                     f"{t['cs224n_score']:.3f} | {t['seconds_per_epoch']:.1f} | {t['train_minutes']:.1f} | "
+                     f"{t['examples_per_second']:.1f} |")
     lines.append("")
     lines.append("`split1` is also the dropout-0 and the SMART-off configuration.")
     lines.append("")
@@ -290,7 +323,10 @@ def write_report(args, out: Path, names, records: dict) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    names = NAMES if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    if args.epochs is None and args.time_budget is None:
+        args.epochs = 2
+    names = DEFAULT_NAMES if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    names = list(dict.fromkeys(m for n in names for m in GROUPS.get(n, [n])))  # groups -> names
     unknown = [n for n in names if n not in NAMES]
     if unknown:
         print(f"error: unknown configuration(s) {', '.join(unknown)}; expected some of {', '.join(NAMES)}",
@@ -306,11 +342,18 @@ def main(argv=None) -> int:
         print(f"data: first {args.dev_limit} dev rows per task (copy in {args.data_dir})", flush=True)
     extra = {n: a for n, _, a in CONFIGS}
     records = {}
-    for name in names:
-        records[name] = run_config(name, train_argv(args, extra[name], out / name), out / name, args.subprocess)
-        if records[name]["rc"] >= 128:  # the trainer was stopped by a signal (it saved): stop too
-            print(f"stopped during {name}; run again to resume", file=sys.stderr)
-            return records[name]["rc"]
+    if args.jobs > 1:  # one subprocess per configuration, --jobs at a time
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {n: pool.submit(run_config, n, train_argv(args, extra[n], out / n), out / n, True)
+                       for n in names}
+            records = {n: f.result() for n, f in futures.items()}
+    else:
+        for name in names:
+            records[name] = run_config(name, train_argv(args, extra[name], out / name), out / name, args.subprocess)
+            if records[name]["rc"] >= 128:  # the trainer was stopped by a signal (it saved): stop too
+                print(f"stopped during {name}; run again to resume", file=sys.stderr)
+                return records[name]["rc"]
     report = write_report(args, out, names, records)
     print(f"report: {report}", flush=True)
     print(report.read_text().split("\n## ")[0], flush=True)

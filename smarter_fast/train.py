@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -46,6 +47,8 @@ import torch
 
 from .data.cs224n import DataError, find_data_files, load_cs224n
 from .data.schedules import SCHEDULES, TASK_ORDER, Schedule, resolve_split_parts
+from .recipes import RECIPES, format_settings, recipe_defaults
+from .recipes import describe as describe_recipe
 from .losses import task_loss
 from .smart import SMART_MODES, smart_simple_loss, step_seed, task_forward
 
@@ -55,6 +58,8 @@ CHECKPOINT_FILES = ("model.safetensors", "config.json", "optimizer.pt", "trainer
 STATE_VERSION = 2  # 2: mid-epoch position, RNG states, metrics rows (smarter_fast.state)
 REPORT_LR = 1e-5  # the report's best recipe
 DEMO_LR = 1e-4  # the demo data gets ~800 steps: at 1e-5 the fresh heads barely move
+DEFAULT_EPOCHS = 10
+UNBOUNDED_EPOCHS = 10_000  # --time-budget without --epochs: the budget ends training
 
 
 class UsageError(Exception):
@@ -136,8 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequence), bi (s1, s2 encoded apart: [u*v, |u-v|, cos]) or both "
                         "(default: the checkpoint's, else cross)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive_int("--epochs"), default=10,
-                   help="training epochs")
+    t.add_argument("--recipe", choices=tuple(RECIPES), default="report",
+                   help="preset of the flags below: report (the report's recipe, the defaults) or "
+                        "minilm-cpu (the best found for the embedded checkpoint on a CPU); "
+                        "explicit flags override it")
+    t.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
+                   help=f"training epochs (default: {DEFAULT_EPOCHS}; with --time-budget: until "
+                        f"the budget is spent)")
+    t.add_argument("--time-budget", type=_float("--time-budget", 0.0, low_open=True), default=None,
+                   metavar="MINUTES",
+                   help="stop training after this many minutes of training (checked every step; "
+                        "evaluation not counted), then evaluate and save; LR schedules decay to "
+                        "the budget's end")
     t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=8,
                    help="training batch size (per process)")
     t.add_argument("--eval-batch-size", type=_positive_int("--eval-batch-size"), default=64,
@@ -191,8 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.recipe != "report":  # the recipe's values become the defaults; explicit flags win
+        p.set_defaults(**recipe_defaults(args.recipe))
+        args = p.parse_args(argv)
     from . import beyond
     beyond.check_args(args, p.error)
+    if args.epochs is None and args.time_budget is None:
+        args.epochs = DEFAULT_EPOCHS
+    if args.epochs is None and args.schedule == "annealed":
+        p.error("--schedule annealed needs --epochs (the horizon of its annealing), also with --time-budget")
     if args.max_length < 8:
         p.error(f"--max-length must be >= 8, got {args.max_length}")
     if args.max_length > 512:
@@ -215,6 +237,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---- setup helpers ---------------------------------------------------------------------------------
+class TrainingClock:
+    """Training time of the run (evaluation excluded) against --time-budget."""
+
+    def __init__(self, budget_minutes: float | None, spent_before: float = 0.0):
+        self.budget = None if budget_minutes is None else 60.0 * float(budget_minutes)
+        self.spent_before = float(spent_before)  # seconds of the epochs already finished
+
+    def progress(self, epoch_seconds: float) -> float | None:
+        """Fraction of the budget spent (None without a budget)."""
+        return None if self.budget is None else (self.spent_before + epoch_seconds) / self.budget
+
+    def exhausted(self, epoch_seconds: float = 0.0) -> bool:
+        return self.budget is not None and self.spent_before + epoch_seconds >= self.budget
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         try:
@@ -315,8 +352,11 @@ def _to(batch: dict, device) -> dict:
 
 def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: int, args,
                 device, global_step: int, epoch_label: str, synthetic: bool, run_state=None,
-                extras=None):
+                extras=None, clock: TrainingClock | None = None):
     """One epoch; returns (stats dict, new global_step).
+
+    With a `clock` holding a --time-budget the epoch ends early, after the step that spends the
+    budget (stats["budget_exhausted"]), and the LR schedule follows the fraction spent.
 
     With a `run_state` (smarter_fast.state.RunState) the epoch may start mid-way (resume), steps
     with a non-finite loss or gradient are skipped, checkpoints are written every --save-every
@@ -327,8 +367,10 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
     from .state import RunState
     if extras is not None and extras.surgery is not None:  # one batch of every task per step
         return extras.surgery_epoch(model, optimizer, schedule, train_data, epoch, args, device,
-                                    global_step, epoch_label, synthetic, _to)
+                                    global_step, epoch_label, synthetic, _to, clock)
     rs = run_state if run_state is not None else RunState(model, optimizer, args=args)
+    clock = clock or TrainingClock(None)
+    exhausted = False
     steps = schedule.epoch_steps(epoch)
     total_examples = sum(len(ix) for _, ix in steps)
     autocast = args.precision == "bf16"
@@ -371,8 +413,8 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                                      f"epoch {epoch_label}, step {position + 1}/{len(steps)} "
                                      f"(global step {global_step + 1}, {task})")
                 if not skip:
-                    if extras is not None:
-                        extras.before_step(global_step)  # LR schedule
+                    if extras is not None:  # LR schedule
+                        extras.before_step(global_step, clock.progress(p["seconds"] + time.perf_counter() - t0))
                     optimizer.step()
                     if extras is not None:
                         extras.after_step(model)  # EMA teacher
@@ -395,6 +437,9 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                                         refresh=False)
                 p_now = {**p, "seconds": p["seconds"] + time.perf_counter() - t0}
                 rs.after_step(epoch, position + 1, len(steps), global_step, p_now)
+                if clock.exhausted(p_now["seconds"]):
+                    exhausted = True
+                    break
     finally:
         bar.close()
     seconds = p["seconds"] + time.perf_counter() - t0
@@ -413,6 +458,7 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
         **{f"train_loss_{t}": (sums[t] / counts[t] if counts[t] else None) for t in TASK_ORDER},
         "smart_term": smart_sum / smart_n if smart_n else None,
         "nonfinite_skipped": rs.guard.total,
+        "budget_exhausted": exhausted,
     }
     return stats, global_step
 
@@ -452,6 +498,8 @@ def run(args) -> int:
         if synthetic:
             print(f"SYNTHETIC demo recipe: --lr {DEMO_LR:g} (the report's {REPORT_LR:g} needs more "
                   f"steps than the demo has; pass --lr to choose)", flush=True)
+    parser_defaults = {a.dest: a.default for a in build_parser()._actions}
+    parser_defaults["lr"] = DEMO_LR if synthetic else REPORT_LR
     if args.resume and resume_dir is None:
         print(f"--resume: no checkpoint in {out_dir / 'checkpoints' / 'last'}; starting afresh", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -476,7 +524,13 @@ def run(args) -> int:
         empty = [t for t in TASK_ORDER if not getattr(split, t)]
         if empty:
             raise UsageError(f"no usable {split.split} examples for {', '.join(empty)} in {data_dir}")
+    unset = [k for k in ("pooling", "pair_features") if getattr(args, k, None) is None]
     options = _model_options(args, resume_dir)  # pooling, pair_features: the pair batch layout
+    parser_defaults.update({k: options[k] for k in unset})  # not asked for: the checkpoint's choice
+    recipe_settings, overrides = describe_recipe(args.recipe, args, parser_defaults)
+    print(f"recipe {args.recipe}: {format_settings(recipe_settings)}"
+          + ("; set by flags: " + ", ".join(f"{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in overrides.items())
+             if overrides else ""), flush=True)
     if options != {"pooling": "cls", "pair_features": "cross"}:
         print(f"model: pooling {options['pooling']}, pair features {options['pair_features']}", flush=True)
     train_data = encode_split(train_split, tokenizer, options["pair_features"])
@@ -485,7 +539,7 @@ def run(args) -> int:
     parts = resolve_split_parts(args.split_parts, sizes["sst"], sizes["quora"])
     schedule = Schedule(args.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
                         args.batch_size * dist.world(),  # global batch; each rank trains its shard
-                        seed=args.seed, parts=parts, interleave=args.interleave, epochs=args.epochs)
+                        seed=args.seed, parts=parts, interleave=args.interleave, epochs=args.epochs or 1)
     part_note = f", {parts} parts" if args.schedule != "baseline" else ""
     per_epoch = schedule.epoch_counts(0)
     print(f"train: sst {sizes['sst']}, quora {sizes['quora']}, sts {sizes['sts']} examples; "
@@ -554,11 +608,16 @@ def run(args) -> int:
 
     autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
     best_in_memory = None  # (epoch, dev result) while the model in memory is the best one
-    for epoch in range(start_epoch, args.epochs):
-        label = f"{epoch + 1}/{args.epochs}"
+    last_epoch = None
+    for epoch in (range(start_epoch, args.epochs) if args.epochs else itertools.count(start_epoch)):
+        clock = TrainingClock(args.time_budget, sum(r["train_seconds"] for r in rs.metrics))
+        if clock.exhausted():
+            break  # resumed after the budget was spent
+        label = f"{epoch + 1}/{args.epochs}" if args.epochs else f"{epoch + 1}"
         stats, global_step = train_epoch(model, optimizer, schedule, train_data, epoch, args,
                                          device, global_step, label, synthetic, run_state=rs,
-                                         extras=extras)
+                                         extras=extras, clock=clock)
+        last_epoch = epoch + 1
         if not main_rank:  # rank 0 evaluates, writes and saves; the others wait
             rs.trainer_state(epoch + 1, 0, global_step)  # (collective: RNG states for the checkpoint)
             dist.barrier()
@@ -572,7 +631,9 @@ def run(args) -> int:
         row = {"epoch": epoch + 1, **{k: v for k, v in metrics.items()}, **stats,
                "eval_seconds": eval_seconds, "global_step": global_step,
                "split_part": (epoch % parts) if args.schedule != "baseline" else None,
-               "lr": args.lr, "smart": args.smart, "synthetic_data": synthetic, "best": is_best}
+               "lr": args.lr, "smart": args.smart, "synthetic_data": synthetic, "best": is_best,
+               "train_minutes_total": (clock.spent_before + stats["train_seconds"]) / 60.0,
+               "recipe": args.recipe, "recipe_settings": recipe_settings}
         rs.best = best
         rs.metrics.append(row)
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rs.metrics))
@@ -590,6 +651,10 @@ def run(args) -> int:
               f"({stats['examples_per_second']:.1f} ex/s), loss {losses}{smart} | dev "
               f"{format_metrics(metrics)} (eval {eval_seconds:.1f}s){'  *best' if is_best else ''}",
               flush=True)
+        if stats["budget_exhausted"]:
+            print(f"time budget of {args.time_budget:g} min spent after {row['train_minutes_total']:.1f} "
+                  f"min of training (epoch {epoch + 1}, global step {global_step})", flush=True)
+            break
 
     if not main_rank:
         return 0
@@ -597,7 +662,7 @@ def run(args) -> int:
     best_dir = ck_dir / "best"
     if not (best_dir / "model.safetensors").is_file():
         raise UsageError(f"no best checkpoint in {best_dir}")
-    if best_in_memory is not None and best_in_memory[0] == args.epochs:  # the last epoch was best
+    if best_in_memory is not None and best_in_memory[0] == last_epoch:  # the last epoch was best
         best_model, dev_result = model, best_in_memory[1]
     else:
         best_model = MultitaskBert.from_pretrained(best_dir, backend=args.backend).to(device)

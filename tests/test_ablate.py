@@ -4,7 +4,7 @@ trains, report.md has the table, plots and error analysis, and a restart skips f
 
 import pytest
 
-from smarter_fast.ablate import NAMES, main
+from smarter_fast.ablate import DEFAULT_NAMES, GROUPS, main
 
 SIZES = {
     "sst": {"train": 12, "dev": 10, "test-student": 2},
@@ -27,7 +27,7 @@ def test_ablate_tiny_end_to_end_and_restart(tiny, tmp_path, capsys):
     assert main(argv) == 0
     assert len((out / "_data" / "ids-sst-dev.csv").read_text().splitlines()) == 9  # header + 8
     report = (out / "report.md").read_text()
-    for name in NAMES:
+    for name in DEFAULT_NAMES:
         assert f"| {name} |" in report, name
         assert (out / name / "ablate_done.json").is_file()
     assert "failed" not in report
@@ -44,3 +44,21 @@ def test_ablate_tiny_end_to_end_and_restart(tiny, tmp_path, capsys):
 def test_ablate_rejects_unknown_config(tmp_path, capsys):
     assert main(["--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--only", "nope"]) == 2
     assert "unknown configuration" in capsys.readouterr().err
+
+
+def test_recipe_search_group_with_time_budget_and_parallel_jobs(tiny, tmp_path, capsys):
+    ckpt, data = tiny
+    out = tmp_path / "search"
+    two = ["recipe-report", "mc-pair-bi"]
+    assert set(two) <= set(GROUPS["recipe"])
+    argv = ["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out), "--time-budget", "0.003",
+            "--batch-size", "4", "--lr", "1e-3", "--max-length", "48", "--num-threads", "1",
+            "--only", ",".join(two), "--jobs", "2", "--train-args", "--precision fp32"]
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "time budget 0.003 min" in report and "train min" in report
+    for name in two:
+        assert f"| {name} |" in report and (out / name / "ablate_done.json").is_file()
+        log = (out / name / "train.log").read_text()
+        assert "time budget of 0.003 min spent" in log
+    assert "--recipe minilm-cpu --pair-features bi" in report

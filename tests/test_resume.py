@@ -21,7 +21,7 @@ from smarter_fast.train import main
 SIZES = {"sst": {"train": 48, "dev": 8, "test-student": 4},
          "quora": {"train": 48, "dev": 8, "test-student": 4},
          "sts": {"train": 32, "dev": 8, "test-student": 4}}
-TIMING = {"train_seconds", "examples_per_second", "eval_seconds"}
+TIMING = {"train_seconds", "examples_per_second", "eval_seconds", "train_minutes_total"}
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -123,3 +123,38 @@ def test_missing_data_dir_is_one_clean_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "not found" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_time_budget_stops_training_then_evaluates_saves_and_resumes_to_the_end(tiny, tmp_path, capsys):
+    out = tmp_path / "budget"
+    # 1e-5 min = 0.6 ms: spent by the first step
+    assert run(tiny, out, "--time-budget", "1e-05", "--lr-schedule", "linear", "--warmup-ratio", "0.1") == 0
+    stdout = capsys.readouterr().out
+    assert "recipe report:" in stdout and "time-budget 1e-05" in stdout
+    assert "time budget of 1e-05 min spent" in stdout
+    (r,) = rows(out)
+    assert r["budget_exhausted"] is True and r["epoch"] == 1
+    full_epoch = 24 + 25 + 16  # split1, auto parts = round(50 / 24) = 2
+    assert r["train_examples"] == 4 < full_epoch  # one step of batch 4
+    assert r["train_minutes_total"] >= 1e-5
+    assert r["recipe"] == "report" and r["recipe_settings"]["time_budget"] == 1e-5
+    assert r["recipe_settings"]["pooling"] == "cls" and r["recipe_settings"]["pair_features"] == "cross"
+    assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert (out / "dev_metrics.json").is_file()
+    # resuming a run whose budget is spent trains nothing more and still writes its outputs
+    assert run(tiny, out, "--time-budget", "1e-05", "--lr-schedule", "linear", "--warmup-ratio", "0.1",
+               "--resume") == 0
+    assert len(rows(out)) == 1
+    assert "best epoch 1" in capsys.readouterr().out
+
+
+def test_recipe_is_printed_with_overrides_and_recorded(tiny, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    assert run(tiny, out, "--recipe", "minilm-cpu", "--epochs", "1", "--limit", "12",
+               "--precision", "fp32") == 0
+    stdout = capsys.readouterr().out
+    line = next(x for x in stdout.splitlines() if x.startswith("recipe minilm-cpu:"))
+    assert "pooling mean" in line and "set by flags:" in line and "precision bf16 -> fp32" in line
+    (r,) = rows(out)
+    assert r["recipe"] == "minilm-cpu"
+    assert r["recipe_settings"]["batch_size"] == 4 and r["recipe_settings"]["schedule"] == "sqrt"
