@@ -51,7 +51,7 @@ CONFIGS = [
     # recipe, and minilm-cpu with one setting changed
     ("recipe-report", "recipe", ["--recipe", "report"]),
     ("minilm-cpu", "recipe", ["--recipe", "minilm-cpu"]),
-    ("mc-pair-cross", "recipe", ["--recipe", "minilm-cpu", "--pair-features", "cross"]),
+    ("mc-pair-both", "recipe", ["--recipe", "minilm-cpu", "--pair-features", "both"]),
     ("mc-pair-bi", "recipe", ["--recipe", "minilm-cpu", "--pair-features", "bi"]),
     ("mc-pool-cls", "recipe", ["--recipe", "minilm-cpu", "--pooling", "cls"]),
     ("mc-lr-1e-4", "recipe", ["--recipe", "minilm-cpu", "--lr", "1e-4"]),

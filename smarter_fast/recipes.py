@@ -16,10 +16,10 @@ RECIPES: dict[str, dict] = {
     "report": {},
     "minilm-cpu": {
         "pooling": "mean",  # the checkpoint was trained as a mean-pooling sentence encoder
-        "pair_features": "both",  # cross-encoded pair + cosine/product/difference of u and v
+        "pair_features": "cross",  # one [CLS] s1 [SEP] s2 [SEP] sequence (search: as good as both, 1.85x faster)
         "schedule": "sqrt",  # batches of all tasks interleaved: nothing is forgotten
         "batch_size": 16,
-        "lr": 5e-5,
+        "lr": 1e-4,
         "lr_schedule": "linear",
         "warmup_ratio": 0.05,
         "dropout": 0.1,

@@ -540,7 +540,7 @@ def run(args) -> int:
     schedule = Schedule(args.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
                         args.batch_size * dist.world(),  # global batch; each rank trains its shard
                         seed=args.seed, parts=parts, interleave=args.interleave, epochs=args.epochs or 1)
-    part_note = f", {parts} parts" if args.schedule != "baseline" else ""
+    part_note = f", {parts} parts" if args.schedule in ("split1", "split2") else ""
     per_epoch = schedule.epoch_counts(0)
     print(f"train: sst {sizes['sst']}, quora {sizes['quora']}, sts {sizes['sts']} examples; "
           f"schedule {args.schedule}{part_note}{' interleaved' if args.interleave else ''}: "
@@ -630,7 +630,7 @@ def run(args) -> int:
             best = {"mean_score": metrics["mean_score"], "epoch": epoch + 1}
         row = {"epoch": epoch + 1, **{k: v for k, v in metrics.items()}, **stats,
                "eval_seconds": eval_seconds, "global_step": global_step,
-               "split_part": (epoch % parts) if args.schedule != "baseline" else None,
+               "split_part": (epoch % parts) if args.schedule in ("split1", "split2") else None,
                "lr": args.lr, "smart": args.smart, "synthetic_data": synthetic, "best": is_best,
                "train_minutes_total": (clock.spent_before + stats["train_seconds"]) / 60.0,
                "recipe": args.recipe, "recipe_settings": recipe_settings}
