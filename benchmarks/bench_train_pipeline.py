@@ -1,0 +1,153 @@
+"""Training steps over the three tasks in the report pipeline's mix: the issue-5 end-to-end target.
+
+`bench_train_step.py` times SST steps only. The issue-5 target is the training examples/s of the
+whole pipeline (SST, Quora and STS, batch 8, split1), whose pair batches are about twice as long.
+Group `train-pipeline`: every provider steps through the same N_BATCHES batches of 8 once each,
+SST, Quora and STS batches in the proportions of one split1 epoch of the full data (7544 SST,
+7999 Quora, 5440 STS examples: 36%, 38%, 26%), task after task as split1 trains them, from the
+first rows of each ../shared/data/cs224n training file (a generated stand-in where absent).
+- `hf`: transformers.BertModel from the embedded checkpoint + three Linear heads on the pooler
+  output (cross-entropy, BCE-with-logits, MSE) + torch.optim.AdamW defaults + random batches;
+- `auto`, `auto-bf16`: MultitaskBert + smarter_fast.optim.AdamW on length-bucketed batches (per
+  task), as `python -m smarter_fast.train` steps, fp32 and under bf16 autocast.
+extra_info: examples_per_s and ratio_to_hf.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchutil import (Cycle, cs224n_dir, group_name, label, mean_seconds, our_model_and_optimizer,
+                       sync)
+
+BATCH = 8
+LR = 1e-5
+N_BATCHES = 24
+MIX = {"sst": 9, "quora": 9, "sts": 6}  # batches per task: 36% / 38% / 26% of 24
+PROVIDERS = ["hf", "auto", "auto-bf16"]  # hf first: the others' ratios need it
+
+
+@pytest.fixture(scope="module")
+def task_examples():
+    """{task: (ids, type_ids, labels)} of the first rows of each training file."""
+    from smarter_fast.data import load_tokenizer
+    from smarter_fast.data.cs224n import read_quora, read_sst, read_sts
+    from smarter_fast.data.tokenize import encode_pairs, encode_sentences
+
+    directory, real = cs224n_dir()
+    tok = load_tokenizer()
+    out = {}
+    n = BATCH * max(MIX.values())
+    sst, _ = read_sst(directory / "ids-sst-train.csv", limit=n)
+    out["sst"] = (*encode_sentences(tok, [e.sentence for e in sst]), [int(e.label) for e in sst])
+    for task, reader, path in (("quora", read_quora, "quora-train.csv"), ("sts", read_sts, "sts-train.csv")):
+        rows, _ = reader(directory / path, limit=n)
+        ids, types = encode_pairs(tok, [e.sentence1 for e in rows], [e.sentence2 for e in rows])
+        out[task] = (ids, types, [float(e.label) for e in rows])
+    return out, real
+
+
+def make_pipeline_batches(examples: dict, bucketed: bool, seed: int = 0) -> list[tuple[str, dict]]:
+    """[(task, padded batch)] in split1's task-after-task order, MIX[task] batches per task."""
+    from smarter_fast.data import LengthBucketSampler, pad_batch, random_batch_sampler
+
+    out = []
+    for task, n_batches in MIX.items():
+        ids, types, labels = examples[task]
+        n = n_batches * BATCH
+        ids, types, labels = ids[:n], types[:n], labels[:n]
+        sampler = (LengthBucketSampler([len(x) for x in ids], BATCH, pool_batches=n_batches, seed=seed)
+                   if bucketed else random_batch_sampler(n, BATCH, seed=seed))
+        for b in sampler.batches():
+            out.append((task, pad_batch([ids[i] for i in b], [types[i] for i in b],
+                                        [labels[i] for i in b])))
+    return out
+
+
+def hf_step_fn(device):
+    try:
+        import transformers
+    except ImportError as e:
+        pytest.skip(f"transformers is not installed: {e}")
+    from smarter_fast.model.checkpoint import default_checkpoint_dir
+
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+    bert = transformers.BertModel.from_pretrained(str(default_checkpoint_dir())).to(device).train()
+    H = bert.config.hidden_size
+    heads = torch.nn.ModuleDict({"sst": torch.nn.Linear(H, 5), "quora": torch.nn.Linear(H, 1),
+                                 "sts": torch.nn.Linear(H, 1)}).to(device)
+    opt = torch.optim.AdamW(list(bert.parameters()) + list(heads.parameters()), lr=LR)
+
+    def step(item):
+        task, batch = item
+        out = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch["token_type_ids"])
+        y = heads[task](out.pooler_output)
+        if task == "sst":
+            loss = F.cross_entropy(y, batch["labels"])
+        elif task == "quora":
+            loss = F.binary_cross_entropy_with_logits(y.squeeze(-1), batch["labels"])
+        else:
+            loss = F.mse_loss(y.squeeze(-1), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync(device)
+
+    return step
+
+
+def our_pipeline_step_fn(model, opt, device, bf16: bool):
+    from smarter_fast.losses import task_loss
+    from smarter_fast.smart import task_forward
+
+    def step(item):
+        task, batch = item
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = task_loss(task, task_forward(model, task, batch), batch["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    return step
+
+
+class TaskCycle(Cycle):
+    """Cycle over (task, batch) pairs: hands out one pair per round, moved to the device."""
+
+    def __init__(self, items, device):
+        self.batches = [(t, {k: v.to(device) for k, v in b.items()}) for t, b in items]
+        self.i = 0
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def bench_train_pipeline(benchmark, results, task_examples, provider):
+    device = "cpu"  # the issue-5 target is this CPU's; CUDA steps are timed in bench_train_step
+    examples, real = task_examples
+    bucketed = provider != "hf"
+    items = make_pipeline_batches(examples, bucketed)
+    group = group_name("train-pipeline", device)
+    real_tokens = sum(int(b["attention_mask"].sum()) for _, b in items)
+    all_tokens = sum(b["attention_mask"].numel() for _, b in items)
+    label(benchmark, group, provider, baseline="hf", batch_size=BATCH,
+          batches="length-bucketed" if bucketed else "random", mix=dict(MIX),
+          padding=round(1 - real_tokens / all_tokens, 3),
+          data="cs224n" if real else "generated stand-in")
+    if provider == "hf":
+        step = hf_step_fn(device)
+    else:
+        model, opt = our_model_and_optimizer("auto", device, lr=LR)
+        step = our_pipeline_step_fn(model, opt, device, bf16=provider.endswith("bf16"))
+    benchmark.pedantic(step, setup=TaskCycle(items, device), rounds=N_BATCHES, warmup_rounds=2,
+                       iterations=1)
+    mean = mean_seconds(benchmark)
+    if mean:
+        results[(group, provider)] = mean
+        benchmark.extra_info["examples_per_s"] = round(BATCH / mean, 2)
+        hf = results.get((group, "hf"))
+        if hf:
+            benchmark.extra_info["ratio_to_hf"] = round(hf / mean, 3)
