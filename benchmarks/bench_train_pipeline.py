@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import (Cycle, cs224n_dir, group_name, label, mean_seconds, our_model_and_optimizer,
-                       sync)
+from benchutil import (Cycle, cs224n_dir, group_name, hf_bert, label, our_model_and_optimizer,
+                       record_step_ratio, sync)
 
 BATCH = 8
 LR = 1e-5
@@ -67,15 +67,7 @@ def make_pipeline_batches(examples: dict, bucketed: bool, seed: int = 0) -> list
 
 
 def hf_step_fn(device):
-    try:
-        import transformers
-    except ImportError as e:
-        pytest.skip(f"transformers is not installed: {e}")
-    from smarter_fast.model.checkpoint import default_checkpoint_dir
-
-    torch.manual_seed(0)
-    transformers.logging.set_verbosity_error()
-    bert = transformers.BertModel.from_pretrained(str(default_checkpoint_dir())).to(device).train()
+    bert = hf_bert(device)
     H = bert.config.hidden_size
     heads = torch.nn.ModuleDict({"sst": torch.nn.Linear(H, 5), "quora": torch.nn.Linear(H, 1),
                                  "sts": torch.nn.Linear(H, 1)}).to(device)
@@ -144,10 +136,4 @@ def bench_train_pipeline(benchmark, results, task_examples, provider):
         step = our_pipeline_step_fn(model, opt, device, bf16=provider.endswith("bf16"))
     benchmark.pedantic(step, setup=TaskCycle(items, device), rounds=N_BATCHES, warmup_rounds=2,
                        iterations=1)
-    mean = mean_seconds(benchmark)
-    if mean:
-        results[(group, provider)] = mean
-        benchmark.extra_info["examples_per_s"] = round(BATCH / mean, 2)
-        hf = results.get((group, "hf"))
-        if hf:
-            benchmark.extra_info["ratio_to_hf"] = round(hf / mean, 3)
+    record_step_ratio(benchmark, results, group, provider, BATCH)

@@ -22,8 +22,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import (DEVICES, Cycle, group_name, label, make_batches, mean_seconds,
-                       our_model_and_optimizer, our_step_fn, padding_share, sync)
+from benchutil import (DEVICES, Cycle, group_name, hf_bert, label, make_batches,
+                       our_model_and_optimizer, our_step_fn, padding_share, record_step_ratio, sync)
 
 N_BATCHES = 24
 BATCH = 8
@@ -32,15 +32,7 @@ PROVIDERS = ["hf", "auto", "ref", "auto-packed", "auto-bf16"]  # hf first: the o
 
 
 def hf_step_fn(device):
-    try:
-        import transformers
-    except ImportError as e:
-        pytest.skip(f"transformers is not installed: {e}")
-    from smarter_fast.model.checkpoint import default_checkpoint_dir
-
-    torch.manual_seed(0)
-    transformers.logging.set_verbosity_error()
-    bert = transformers.BertModel.from_pretrained(str(default_checkpoint_dir())).to(device).train()
+    bert = hf_bert(device)
     head = torch.nn.Linear(bert.config.hidden_size, 5).to(device)
     opt = torch.optim.AdamW(list(bert.parameters()) + list(head.parameters()), lr=LR)
 
@@ -83,10 +75,4 @@ def bench_train_step(benchmark, results, sst_examples, device, provider):
     # Two warm-up steps; then each batch exactly once (the cycle wraps around).
     benchmark.pedantic(step, setup=Cycle(batches, device), rounds=N_BATCHES, warmup_rounds=2,
                        iterations=1)
-    mean = mean_seconds(benchmark)
-    if mean:
-        results[(group, provider)] = mean
-        benchmark.extra_info["examples_per_s"] = round(BATCH / mean, 2)
-        hf = results.get((group, "hf"))
-        if hf:
-            benchmark.extra_info["ratio_to_hf"] = round(hf / mean, 3)
+    record_step_ratio(benchmark, results, group, provider, BATCH)

@@ -209,3 +209,28 @@ def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = Fa
         return loss
 
     return step
+
+
+def hf_bert(device):
+    """transformers.BertModel from the embedded checkpoint, in train mode (seeded; skips the
+    benchmark when transformers is absent): the issue's Hugging Face reference encoder."""
+    try:
+        import transformers
+    except ImportError as e:
+        pytest.skip(f"transformers is not installed: {e}")
+    from smarter_fast.model.checkpoint import default_checkpoint_dir
+
+    torch.manual_seed(0)
+    transformers.logging.set_verbosity_error()
+    return transformers.BertModel.from_pretrained(str(default_checkpoint_dir())).to(device).train()
+
+
+def record_step_ratio(benchmark, results: dict, group: str, provider: str, batch_size: int) -> None:
+    """After a timed training step: examples_per_s and ratio_to_hf (hf measured earlier in the run)."""
+    mean = mean_seconds(benchmark)
+    if mean:
+        results[(group, provider)] = mean
+        benchmark.extra_info["examples_per_s"] = round(batch_size / mean, 2)
+        hf = results.get((group, "hf"))
+        if hf:
+            benchmark.extra_info["ratio_to_hf"] = round(hf / mean, 3)
