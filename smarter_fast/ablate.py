@@ -64,6 +64,8 @@ CONFIGS = [
     ("mc-smart", "recipe", ["--recipe", "minilm-cpu", "--smart", "simple"]),
     ("mc-layer-decay", "recipe", ["--recipe", "minilm-cpu", "--layer-decay", "0.9"]),
     ("mc-dropout-0", "recipe", ["--recipe", "minilm-cpu", "--dropout", "0"]),
+    ("mc-given-order", "recipe", ["--recipe", "minilm-cpu", "--pair-order", "given"]),
+    ("mc-no-ema", "recipe", ["--recipe", "minilm-cpu", "--ema", "0"]),
 ]
 NAMES = [c[0] for c in CONFIGS]
 GROUPS = {g: [n for n, gg, _ in CONFIGS if gg == g] for _, g, _ in CONFIGS}

@@ -22,6 +22,7 @@ import time
 import torch
 
 from .data.schedules import TASK_ORDER
+from .ema import WeightEma
 from .losses import task_loss
 from .lr_schedule import LR_SCHEDULES, LRSchedule, param_groups, warmup_steps
 from .smart import EmaTeacher, smart_full_loss, smart_simple_loss, step_seed, task_forward
@@ -103,6 +104,7 @@ class Extras:
                    if (kind != "constant" or warm or warm_fraction) else None)
         self.teacher = (EmaTeacher(model, args.smart_full_beta)
                         if args.smart == "full" and getattr(args, "smart_full_bregman", False) else None)
+        self.ema = WeightEma(model, args.ema) if getattr(args, "ema", 0.0) else None
 
     def describe(self) -> str:
         a = self.args
@@ -122,6 +124,8 @@ class Extras:
             parts.append(f"layer decay {a.layer_decay:g}")
         if self.surgery:
             parts.append(f"gradient surgery {a.grad_surgery}")
+        if self.ema is not None:
+            parts.append(f"weight EMA decay {self.ema.decay:g} (evaluated and kept as best)")
         return "; ".join(parts)
 
     # -- per step ------------------------------------------------------------------------------
@@ -133,6 +137,8 @@ class Extras:
     def after_step(self, model) -> None:
         if self.teacher is not None:
             self.teacher.update(model)
+        if self.ema is not None:
+            self.ema.update(model)
 
     def step_loss(self, model, task, batch, global_step):
         """(total, task loss, SMART term or None) of one batch under the run's --smart."""
@@ -158,6 +164,7 @@ class Extras:
         """One epoch of gradient-surgery steps; returns (stats, global_step) like train_epoch
         (`clock`: the run's TrainingClock for --time-budget, or None)."""
         from tqdm import tqdm
+        from .train import pair_swaps
         groups = schedule.group_steps(epoch)
         sums = {t: 0.0 for t in TASK_ORDER}
         counts = {t: 0 for t in TASK_ORDER}
@@ -176,7 +183,8 @@ class Extras:
                 weights = schedule.task_weights(epoch, gi)
                 values, ok = {}, True
                 for task, indices in group.items():
-                    batch = to_device(train_data[task].batch(indices), device)
+                    batch = to_device(train_data[task].batch(indices, swap=pair_swaps(args, task, global_step, len(indices))),
+                                      device)
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                         total, loss, term = self.step_loss(model, task, batch, global_step)
                     (total * weights[task]).backward()  # one task's graph at a time

@@ -12,6 +12,8 @@ test-student split present: a header `id \\t Predicted_Sentiment` (`Predicted_Is
 `Predicted_Similiary` -- misspelt as the leaderboard expects), then `id , value` per example.
 
 Inference runs in eval mode under torch.inference_mode with length-sorted batches (little padding).
+A model trained with `--pair-order symmetric` (saved in its config.json) predicts each pair as the
+mean of its outputs for (s1, s2) and (s2, s1).
 """
 
 from __future__ import annotations
@@ -51,9 +53,13 @@ class EncodedTask:
     examples padded as 2B rows [s1 rows; s2 rows]; both, 3B rows [pair rows; s1 rows; s2 rows].
     `parts` holds one (ids, type_ids) per block; `ids` / `type_ids` are the first block's.
     `lengths` (for length bucketing): the pair length (cross, both), the longer sentence (bi).
-    Labels stay one per example."""
+    Labels stay one per example.
+    both_orders (pair tasks): also encode every pair as (s2, s1) (`swapped_parts`, same layout), for
+    pair_order "symmetric"; `batch(indices, swap=mask)` then takes the swapped form where mask is
+    True."""
 
-    def __init__(self, task: str, examples, tokenizer, pair_features: str = "cross"):
+    def __init__(self, task: str, examples, tokenizer, pair_features: str = "cross",
+                 both_orders: bool = False):
         from .model.heads import PAIR_FEATURES
         if pair_features not in PAIR_FEATURES:
             raise ValueError(f"pair_features must be one of {', '.join(PAIR_FEATURES)}, "
@@ -65,11 +71,10 @@ class EncodedTask:
             self.parts = [encode_sentences(tokenizer, [e.sentence for e in examples])]
         else:
             s1, s2 = [e.sentence1 for e in examples], [e.sentence2 for e in examples]
-            self.parts = []
-            if self.pair_features in ("cross", "both"):
-                self.parts.append(encode_pairs(tokenizer, s1, s2))
-            if self.pair_features in ("bi", "both"):
-                self.parts += [encode_sentences(tokenizer, s1), encode_sentences(tokenizer, s2)]
+            self.parts = self._encode_pairs(tokenizer, s1, s2)
+        self.swapped_parts = None
+        if both_orders and task != "sst":
+            self.swapped_parts = self._encode_pairs(tokenizer, s2, s1)
         self.ids, self.type_ids = self.parts[0]
         labels = [e.label for e in examples]
         self.labels = None if not labels or labels[0] is None else labels
@@ -82,6 +87,14 @@ class EncodedTask:
         else:
             self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
 
+    def _encode_pairs(self, tokenizer, s1, s2) -> list:
+        parts = []
+        if self.pair_features in ("cross", "both"):
+            parts.append(encode_pairs(tokenizer, s1, s2))
+        if self.pair_features in ("bi", "both"):
+            parts += [encode_sentences(tokenizer, s1), encode_sentences(tokenizer, s2)]
+        return parts
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -89,20 +102,40 @@ class EncodedTask:
     def rows_per_example(self) -> int:
         return len(self.parts)
 
-    def batch(self, indices, pad_id: int = 0) -> dict:
+    def batch(self, indices, pad_id: int = 0, swap=None) -> dict:
         """Padded batch of these examples (labels included when known): B rows, or 2B / 3B
-        stacked rows for bi / both pairs, one padded batch."""
-        ids = [part[0][i] for part in self.parts for i in indices]
-        type_ids = [part[1][i] for part in self.parts for i in indices]
+        stacked rows for bi / both pairs, one padded batch. swap: per index, True takes the pair
+        as (s2, s1) (needs both_orders); None: the given order."""
+        if swap is None or self.swapped_parts is None:
+            if swap is not None and np.any(swap):
+                raise ValueError(f"{self.task}: swapped pairs asked for but not encoded (both_orders=False)")
+            ids = [part[0][i] for part in self.parts for i in indices]
+            type_ids = [part[1][i] for part in self.parts for i in indices]
+        else:
+            swap = np.broadcast_to(np.asarray(swap, dtype=bool), (len(indices),))
+            pick = [(sw if s else part) for part, sw in zip(self.parts, self.swapped_parts)
+                    for s in swap]  # one source per block and index
+            rows = [i for _ in self.parts for i in indices]
+            ids = [src[0][i] for src, i in zip(pick, rows)]
+            type_ids = [src[1][i] for src, i in zip(pick, rows)]
         b = pad_batch(ids, type_ids, None, pad_id=pad_id)
         if self.labels is not None:
             b["labels"] = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
         return b
 
 
-def encode_split(split_data, tokenizer, pair_features: str = "cross") -> dict[str, EncodedTask]:
-    """CS224NSplit -> {task: EncodedTask}, pair tasks in the `pair_features` layout."""
-    return {t: EncodedTask(t, getattr(split_data, t), tokenizer, pair_features) for t in TASKS}
+def encode_split(split_data, tokenizer, pair_features: str = "cross",
+                 both_orders: bool = False) -> dict[str, EncodedTask]:
+    """CS224NSplit -> {task: EncodedTask}, pair tasks in the `pair_features` layout (and both
+    orders with both_orders, for pair_order "symmetric")."""
+    return {t: EncodedTask(t, getattr(split_data, t), tokenizer, pair_features, both_orders)
+            for t in TASKS}
+
+
+def encode_for(model, split_data, tokenizer) -> dict[str, EncodedTask]:
+    """encode_split in the layout and pair orders `model` predicts from."""
+    return encode_split(split_data, tokenizer, getattr(model, "pair_features", "cross"),
+                        getattr(model, "pair_order", "given") == "symmetric")
 
 
 def _check_layout(model, data: EncodedTask) -> None:
@@ -112,14 +145,29 @@ def _check_layout(model, data: EncodedTask) -> None:
         raise ValueError(f"{data.task} data encoded with pair_features={data.pair_features!r} but "
                          f"the model uses {model_pf!r}: encode with encode_split(..., "
                          f"pair_features=model.pair_features)")
+    if getattr(model, "pair_order", "given") == "symmetric" and data.task != "sst" and data.swapped_parts is None:
+        raise ValueError(f"{data.task} data encoded in one pair order but the model averages both "
+                         f"(pair_order 'symmetric'): encode with encode_for(model, ...)")
 
 
 # ---- inference -----------------------------------------------------------------------------------
 def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
-                  autocast_dtype=None) -> np.ndarray:
+                  autocast_dtype=None, orders: bool = False):
     """Raw model outputs for every example, in example order: (N, 5) SST logits, (N,) Quora
-    logits, (N,) STS scores. Batches are cut from the examples sorted by length."""
+    logits, (N,) STS scores. Batches are cut from the examples sorted by length.
+    For a model with pair_order "symmetric", pair outputs are the mean over both orders;
+    orders=True returns (outputs, outputs of the given order alone) instead."""
     _check_layout(model, data)
+    if getattr(model, "pair_order", "given") == "symmetric" and data.task != "sst":
+        given = _outputs(model, data, batch_size, device, autocast_dtype, swap=False)
+        swapped = _outputs(model, data, batch_size, device, autocast_dtype, swap=True)
+        mean = (given + swapped) / 2
+        return (mean, given) if orders else mean
+    out = _outputs(model, data, batch_size, device, autocast_dtype, swap=None)
+    return (out, out) if orders else out
+
+
+def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap) -> np.ndarray:
     was_training = model.training
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
@@ -129,7 +177,7 @@ def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                b = data.batch(idx)
+                b = data.batch(idx, swap=swap)
                 type_ids = b["token_type_ids"].to(device) if data.task != "sst" else None
                 with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
                                     enabled=autocast_dtype is not None):
@@ -203,10 +251,16 @@ def compute_metrics(preds: dict, gold: dict) -> dict:
 
 def evaluate_dev(model, dev: dict[str, EncodedTask], batch_size: int = 64, device="cpu",
                  autocast_dtype=None) -> tuple[dict, dict]:
-    """(metrics, predictions per task) on the dev sets."""
-    preds = {t: predictions_from_outputs(t, model_outputs(model, dev[t], batch_size, device, autocast_dtype))
-             for t in TASKS}
-    return compute_metrics(preds, {t: dev[t].labels for t in TASKS}), preds
+    """(metrics, predictions per task) on the dev sets. A model with pair_order "symmetric" also
+    reports quora_acc_given_order / sts_pearson_given_order (the given order alone)."""
+    outs = {t: model_outputs(model, dev[t], batch_size, device, autocast_dtype, orders=True) for t in TASKS}
+    preds = {t: predictions_from_outputs(t, outs[t][0]) for t in TASKS}
+    metrics = compute_metrics(preds, {t: dev[t].labels for t in TASKS})
+    if getattr(model, "pair_order", "given") == "symmetric":
+        metrics["quora_acc_given_order"] = accuracy(predictions_from_outputs("quora", outs["quora"][1]),
+                                                    dev["quora"].labels)
+        metrics["sts_pearson_given_order"] = pearson(outs["sts"][1], dev["sts"].labels)
+    return metrics, preds
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -238,16 +292,15 @@ def write_evaluation(model, tokenizer, data_dir, out_dir, batch_size: int = 64, 
     Data is encoded in the model's pair_features layout (`dev`, when given, must be too)."""
     out_dir = Path(out_dir)
     pred_dir = out_dir / "predictions"
-    pair_features = getattr(model, "pair_features", "cross")  # the batch layout the model takes
     if dev is None:
-        dev = encode_split(load_cs224n(data_dir, "dev"), tokenizer, pair_features)
+        dev = encode_for(model, load_cs224n(data_dir, "dev"), tokenizer)
     if dev_result is not None:  # (metrics, predictions) already computed for this very model
         metrics, preds = dev_result
     else:
         metrics, preds = evaluate_dev(model, dev, batch_size, device, autocast_dtype)
     for t in TASKS:
         write_predictions(pred_dir, t, "dev", dev[t].example_ids, preds[t])
-    test = encode_split(load_cs224n(data_dir, "test"), tokenizer, pair_features)
+    test = encode_for(model, load_cs224n(data_dir, "test"), tokenizer)
     for t in TASKS:
         if len(test[t]):
             p = predictions_from_outputs(t, model_outputs(model, test[t], batch_size, device, autocast_dtype))

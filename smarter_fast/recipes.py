@@ -17,12 +17,14 @@ RECIPES: dict[str, dict] = {
     "minilm-cpu": {
         "pooling": "mean",  # the checkpoint was trained as a mean-pooling sentence encoder
         "pair_features": "cross",  # one [CLS] s1 [SEP] s2 [SEP] sequence (search: as good as both, 1.85x faster)
+        "pair_order": "symmetric",  # pairs trained in random order, predicted from both orders
         "schedule": "sqrt",  # batches of all tasks interleaved: nothing is forgotten
         "batch_size": 16,
         "lr": 1e-4,
         "lr_schedule": "linear",
         "warmup_ratio": 0.05,
         "dropout": 0.1,
+        "ema": 0.999,  # evaluate the weights' moving average: SST swung by +-0.03 between epochs
         "precision": "bf16",
     },
 }
@@ -36,9 +38,9 @@ def recipe_defaults(name: str) -> dict:
 
 
 # The settings a recipe is made of, printed in this order at the start of a run.
-RECIPE_KEYS = ("pooling", "pair_features", "schedule", "split_parts", "interleave", "batch_size",
+RECIPE_KEYS = ("pooling", "pair_features", "pair_order", "schedule", "split_parts", "interleave", "batch_size",
                "lr", "lr_schedule", "warmup_ratio", "layer_decay", "weight_decay", "dropout",
-               "smart", "precision", "epochs", "time_budget")
+               "ema", "smart", "precision", "epochs", "time_budget")
 
 
 def describe(name: str, args, parser_defaults: dict) -> tuple[dict, dict]:

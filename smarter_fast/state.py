@@ -103,8 +103,9 @@ def clean_temporaries(out_dir) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def write_checkpoint(directory, model, optimizer, state: dict) -> Path:
-    """Weights + config + vocab, optimizer.pt and trainer_state.json, atomically (see module doc)."""
+def write_checkpoint(directory, model, optimizer, state: dict, ema=None) -> Path:
+    """Weights + config + vocab, optimizer.pt and trainer_state.json, atomically (see module doc);
+    with `ema` (smarter_fast.ema.WeightEma) also its averaged weights (ema.safetensors)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
@@ -112,6 +113,8 @@ def write_checkpoint(directory, model, optimizer, state: dict) -> Path:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if ema is not None:
+        ema.save(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
     swap_in(tmp, directory)
     return directory
@@ -291,6 +294,7 @@ class RunState:
         self.stop = StopRequest()
         self.save_every = getattr(args, "save_every", None) if args is not None else None
         self.pending = None  # (epoch, position, partial sums, rng) of a mid-epoch resume
+        self.ema = None  # smarter_fast.ema.WeightEma with --ema: saved with `last`
 
     # -- resume ---------------------------------------------------------------------------------
     def load(self, state: dict) -> tuple[int, int]:
@@ -352,6 +356,7 @@ class RunState:
                 "nonfinite": self.guard.state_dict(), "schedule": self.schedule_state,
                 "world_size": self.dist.world(), "ranks": ranks,
                 "seed": getattr(self.args, "seed", None),
+                **({"ema": self.ema.state()} if self.ema is not None else {}),
                 "args": {k: v for k, v in vars(self.args).items()} if self.args is not None else {}}
 
     def save(self, epochs_done: int, position: int, global_step: int, partial=None) -> Path | None:
@@ -359,6 +364,6 @@ class RunState:
         state = self.trainer_state(epochs_done, position, global_step, partial)
         last = self.out_dir / "checkpoints" / "last"
         if self.dist.is_main():
-            write_checkpoint(last, self.model, self.optimizer, state)
+            write_checkpoint(last, self.model, self.optimizer, state, ema=self.ema)
         self.dist.barrier()
         return last

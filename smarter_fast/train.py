@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paraphrase/similarity head input: cross (one [CLS] s1 [SEP] s2 [SEP] "
                         "sequence), bi (s1, s2 encoded apart: [u*v, |u-v|, cos]) or both "
                         "(default: the checkpoint's, else cross)")
+    d.add_argument("--pair-order", choices=("given", "symmetric"), default=None,
+                   help="paraphrase/similarity pairs: given (s1 then s2) or symmetric (trained in "
+                        "a random order per example, predicted as the mean over both orders; "
+                        "twice the inference work for pairs) (default: the checkpoint's, else given)")
     t = p.add_argument_group("training")
     t.add_argument("--recipe", choices=tuple(RECIPES), default="report",
                    help="preset of the flags below: report (the report's recipe, the defaults) or "
@@ -171,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alternate batches among tasks instead of task after task")
     t.add_argument("--dropout", type=_float("--dropout", 0.0, 1.0, high_open=True), default=0.0,
                    help="dropout before the task heads")
+    t.add_argument("--ema", type=_float("--ema", 0.0, 1.0, high_open=True), default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay per step "
+                        "(e.g. 0.999; 0: off); dev evaluation, checkpoints/best and the predictions "
+                        "then use the averaged weights")
     s = p.add_argument_group("SMART")
     s.add_argument("--smart", choices=SMART_MODES, default="off",
                    help="simple: the report's Algorithm 1 (noise on the embeddings); "
@@ -310,7 +318,7 @@ def _last_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _model_options(args, resume_dir) -> dict:
-    """{"pooling", "pair_features"} of the model to train (they decide how pairs are encoded):
+    """{"pooling", "pair_features", "pair_order"} of the model to train (how pairs are encoded):
     on --resume the checkpoint's (a different explicit flag is an error), else the flags, else
     as saved in --pretrained, else cls / cross. Written back into args (args.json)."""
     from .model import MultitaskBert
@@ -326,7 +334,8 @@ def _model_options(args, resume_dir) -> dict:
                                      f"was trained with {flag} {value}")
         else:
             options = MultitaskBert.resolve_options(src, getattr(args, "pooling", None),
-                                                    getattr(args, "pair_features", None))
+                                                    getattr(args, "pair_features", None),
+                                                    getattr(args, "pair_order", None))
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(str(e)) from None
     for key, value in options.items():
@@ -335,9 +344,9 @@ def _model_options(args, resume_dir) -> dict:
 
 
 # ---- checkpoints (atomic, fsynced: smarter_fast.state) ---------------------------------------------
-def save_training_checkpoint(directory: Path, model, optimizer, state: dict) -> Path:
+def save_training_checkpoint(directory: Path, model, optimizer, state: dict, ema=None) -> Path:
     from .state import write_checkpoint
-    return write_checkpoint(directory, model, optimizer, state)
+    return write_checkpoint(directory, model, optimizer, state, ema=ema)
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -346,6 +355,14 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 
 # ---- training ----------------------------------------------------------------------------------------
+def pair_swaps(args, task: str, global_step: int, n: int):
+    """--pair-order symmetric: which of the n pairs of this step's batch are fed as (s2, s1), half
+    at random; a function of (seed, step), so a resumed run draws the same. None otherwise."""
+    if getattr(args, "pair_order", "given") != "symmetric" or task == "sst":
+        return None
+    return np.random.default_rng([args.seed, 7_211, global_step]).random(n) < 0.5
+
+
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -391,7 +408,8 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
             for position in range(start, len(steps)):
                 task, global_indices = steps[position]
                 indices, weight = shard(global_indices)
-                batch = _to(train_data[task].batch(indices), device)
+                batch = _to(train_data[task].batch(indices, swap=pair_swaps(args, task, global_step, len(indices))),
+                            device)
 
                 def compute(m, task=task, batch=batch):
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -417,7 +435,7 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                         extras.before_step(global_step, clock.progress(p["seconds"] + time.perf_counter() - t0))
                     optimizer.step()
                     if extras is not None:
-                        extras.after_step(model)  # EMA teacher
+                        extras.after_step(model)  # EMA teacher, --ema average
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 n = len(indices) if weight > 0 else 0
@@ -524,17 +542,19 @@ def run(args) -> int:
         empty = [t for t in TASK_ORDER if not getattr(split, t)]
         if empty:
             raise UsageError(f"no usable {split.split} examples for {', '.join(empty)} in {data_dir}")
-    unset = [k for k in ("pooling", "pair_features") if getattr(args, k, None) is None]
-    options = _model_options(args, resume_dir)  # pooling, pair_features: the pair batch layout
+    unset = [k for k in ("pooling", "pair_features", "pair_order") if getattr(args, k, None) is None]
+    options = _model_options(args, resume_dir)  # pooling, pair_features, pair_order: the pair batches
     parser_defaults.update({k: options[k] for k in unset})  # not asked for: the checkpoint's choice
     recipe_settings, overrides = describe_recipe(args.recipe, args, parser_defaults)
     print(f"recipe {args.recipe}: {format_settings(recipe_settings)}"
           + ("; set by flags: " + ", ".join(f"{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in overrides.items())
              if overrides else ""), flush=True)
-    if options != {"pooling": "cls", "pair_features": "cross"}:
-        print(f"model: pooling {options['pooling']}, pair features {options['pair_features']}", flush=True)
-    train_data = encode_split(train_split, tokenizer, options["pair_features"])
-    dev_data = encode_split(dev_split, tokenizer, options["pair_features"])
+    if options != {"pooling": "cls", "pair_features": "cross", "pair_order": "given"}:
+        print(f"model: pooling {options['pooling']}, pair features {options['pair_features']}, "
+              f"pair order {options['pair_order']}", flush=True)
+    symmetric = options["pair_order"] == "symmetric"
+    train_data = encode_split(train_split, tokenizer, options["pair_features"], symmetric)
+    dev_data = encode_split(dev_split, tokenizer, options["pair_features"], symmetric)
     sizes = {t: len(train_data[t]) for t in TASK_ORDER}
     parts = resolve_split_parts(args.split_parts, sizes["sst"], sizes["quora"])
     schedule = Schedule(args.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
@@ -570,6 +590,7 @@ def run(args) -> int:
     metrics_path = out_dir / "metrics.jsonl"
     forward = dist.wrap(model, device)  # DistributedDataParallel under torchrun
     rs = RunState(model, optimizer, out_dir, schedule.state_dict(), args, forward, device)
+    ema = rs.ema = extras.ema  # --ema: the averaged weights are the ones evaluated and kept as best
     if resume_dir is not None:
         state = read_state(resume_dir)
         if state.get("schedule") != schedule.state_dict():
@@ -580,6 +601,9 @@ def run(args) -> int:
                                              weights_only=True))
         start_epoch, global_step = rs.load(state)
         best = rs.best
+        if ema is not None and not ema.load(resume_dir, state.get("ema", {}).get("updates", 0)):
+            print(f"--ema: {resume_dir} holds no averaged weights; the average restarts from the "
+                  f"resumed weights", flush=True)
         if "metrics" in state:  # the rows up to the checkpoint (a killed run may have written more)
             rows = state["metrics"]
         else:  # version 1 checkpoints
@@ -590,7 +614,10 @@ def run(args) -> int:
             if (best["epoch"] == start_epoch and not state.get("next_step_in_epoch")
                     and (not is_complete(ck_dir / "best")
                          or read_state(ck_dir / "best").get("epochs_done") != start_epoch)):
-                _copy_ck(resume_dir, ck_dir / "best")
+                if ema is not None:
+                    save_training_checkpoint(ck_dir / "best", ema.model, optimizer, state)
+                else:
+                    _copy_ck(resume_dir, ck_dir / "best")
         mid = state.get("next_step_in_epoch", 0)
         where = (f"epoch {start_epoch + 1} at step {mid}" if mid else f"after epoch {start_epoch}")
         print(f"resuming {where} (global step {global_step}, best mean_score "
@@ -623,7 +650,11 @@ def run(args) -> int:
             dist.barrier()
             continue
         t_eval = time.perf_counter()
-        metrics, dev_preds = evaluate_dev(model, dev_data, args.eval_batch_size, device, autocast_dtype)
+        eval_model = ema.model if ema is not None else model
+        metrics, dev_preds = evaluate_dev(eval_model, dev_data, args.eval_batch_size, device, autocast_dtype)
+        if ema is not None:  # the raw weights too, to see what the average adds
+            raw, _ = evaluate_dev(model, dev_data, args.eval_batch_size, device, autocast_dtype)
+            metrics.update({f"raw_{k}": raw[k] for k in ("sst_acc", "quora_acc", "sts_pearson", "mean_score")})
         eval_seconds = time.perf_counter() - t_eval
         is_best = metrics["mean_score"] > best["mean_score"]
         if is_best:
@@ -638,18 +669,21 @@ def run(args) -> int:
         rs.metrics.append(row)
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rs.metrics))
         state = rs.trainer_state(epoch + 1, 0, global_step)
-        last = save_training_checkpoint(ck_dir / "last", model, optimizer, state)
+        last = save_training_checkpoint(ck_dir / "last", model, optimizer, state, ema)
         dist.barrier()
-        if is_best:
+        if is_best and ema is not None:
+            save_training_checkpoint(ck_dir / "best", ema.model, optimizer, state)
+        elif is_best:
             copy_checkpoint(last, ck_dir / "best")
             best_in_memory = (epoch + 1, (metrics, dev_preds))
         plot_learning_curves(read_metrics(metrics_path), out_dir / "plots", tag)
         losses = "  ".join(f"{t} {stats[f'train_loss_{t}']:.3f}" for t in TASK_ORDER
                            if stats[f"train_loss_{t}"] is not None)
         smart = f"  smart {stats['smart_term']:.4f}" if stats["smart_term"] is not None else ""
+        raw = (f" | raw weights: mean {metrics['raw_mean_score']:.3f}" if ema is not None else "")
         print(f"epoch {label}{tag}: {stats['train_examples']} ex in {stats['train_seconds']:.1f}s "
               f"({stats['examples_per_second']:.1f} ex/s), loss {losses}{smart} | dev "
-              f"{format_metrics(metrics)} (eval {eval_seconds:.1f}s){'  *best' if is_best else ''}",
+              f"{format_metrics(metrics)}{raw} (eval {eval_seconds:.1f}s){'  *best' if is_best else ''}",
               flush=True)
         if stats["budget_exhausted"]:
             print(f"time budget of {args.time_budget:g} min spent after {row['train_minutes_total']:.1f} "
@@ -663,7 +697,7 @@ def run(args) -> int:
     if not (best_dir / "model.safetensors").is_file():
         raise UsageError(f"no best checkpoint in {best_dir}")
     if best_in_memory is not None and best_in_memory[0] == last_epoch:  # the last epoch was best
-        best_model, dev_result = model, best_in_memory[1]
+        best_model, dev_result = (ema.model if ema is not None else model), best_in_memory[1]
     else:
         best_model = MultitaskBert.from_pretrained(best_dir, backend=args.backend).to(device)
         dev_result = None

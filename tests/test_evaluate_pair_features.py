@@ -1,5 +1,7 @@
 """Pair layouts in the data (EncodedTask / encode_split) and `--pooling` / `--pair-features` end to
-end: train, checkpoint, `python -m smarter_fast.evaluate` on it."""
+end: train, checkpoint, `python -m smarter_fast.evaluate` on it. `--pair-order symmetric`: pairs
+encoded in both orders, trained in a random order per example, predicted as the mean over both
+orders, saved with the checkpoint; with `--ema` (smarter_fast.ema) on top."""
 
 import json
 
@@ -149,3 +151,134 @@ def test_train_both_mean_then_evaluate_cli(tiny, tmp_path, capsys):
     assert train_main([*base[:2], "--pretrained", str(best), "--out", str(tmp_path / "other"),
                        *base[6:], "--epochs", "1", "--pair-features", "bi"]) == 2
     assert "cannot load the checkpoint" in capsys.readouterr().err
+
+
+# ---- --pair-order symmetric and --ema ----------------------------------------------------------
+@pytest.mark.parametrize("pair_features", ["cross", "bi", "both"])
+def test_swap_mask_takes_the_reversed_pair_per_example(tiny, pair_features):
+    tok = load_tokenizer(tiny[0], max_length=32)
+    ex = examples(9, seed=3)
+    s1, s2 = [e.sentence1 for e in ex], [e.sentence2 for e in ex]
+    fwd = {"cross": [encode_pairs(tok, s1, s2)], "bi": [encode_sentences(tok, s1), encode_sentences(tok, s2)]}
+    rev = {"cross": [encode_pairs(tok, s2, s1)], "bi": [encode_sentences(tok, s2), encode_sentences(tok, s1)]}
+    fwd["both"], rev["both"] = fwd["cross"] + fwd["bi"], rev["cross"] + rev["bi"]
+    data = EncodedTask("quora", ex, tok, pair_features, both_orders=True)
+    idx, swap = [7, 2, 4, 0], np.array([True, False, True, False])
+    want = [((r if s else f)[0][i], (r if s else f)[1][i])
+            for f, r in zip(fwd[pair_features], rev[pair_features]) for i, s in zip(idx, swap)]
+    assert rows(data.batch(idx, swap=swap)) == want
+    assert rows(data.batch(idx)) == rows(data.batch(idx, swap=np.zeros(4, bool)))  # None: given order
+    assert data.batch(idx, swap=swap)["labels"].tolist() == [float(i % 5) for i in idx]
+    with pytest.raises(ValueError, match="not encoded"):
+        EncodedTask("quora", ex, tok, pair_features).batch(idx, swap=swap)
+    # sentences stay as they are
+    assert EncodedTask("sst", ex, tok, pair_features, both_orders=True).swapped_parts is None
+
+
+def test_symmetric_outputs_are_the_mean_of_both_orders(tiny):
+    from smarter_fast.model import MultitaskBert
+    tok = load_tokenizer(tiny[0], max_length=32)
+    model = MultitaskBert.from_pretrained(tiny[0], pooling="mean", pair_order="symmetric", backend="ref")
+    ex = examples(11, seed=5)
+    data = EncodedTask("sts", ex, tok, "cross", both_orders=True)
+    got, given = model_outputs(model, data, batch_size=4, orders=True)
+    reversed_ex = [type(e)(i, e.sentence2, e.sentence1, e.label) for i, e in enumerate(ex)]
+    model.pair_order = "given"
+    a = model_outputs(model, EncodedTask("sts", ex, tok, "cross"), batch_size=3)
+    b = model_outputs(model, EncodedTask("sts", reversed_ex, tok, "cross"), batch_size=5)
+    model.pair_order = "symmetric"
+    np.testing.assert_allclose(given, a, atol=1e-5)
+    np.testing.assert_allclose(got, (a + b) / 2, atol=1e-5)
+    assert np.abs(a - b).max() > 1e-4  # the orders differ, so the test can fail
+    with pytest.raises(ValueError, match="one pair order"):
+        model_outputs(model, EncodedTask("sts", ex, tok, "cross"))
+
+
+def test_pair_swaps_are_random_halves_fixed_by_seed_and_step():
+    from argparse import Namespace
+    from smarter_fast.train import pair_swaps
+    args = Namespace(pair_order="symmetric", seed=3)
+    a = pair_swaps(args, "quora", 10, 4000)
+    assert a.dtype == bool and 0.45 < a.mean() < 0.55
+    np.testing.assert_array_equal(a, pair_swaps(args, "sts", 10, 4000))
+    assert not np.array_equal(a, pair_swaps(args, "quora", 11, 4000))
+    assert pair_swaps(args, "sst", 10, 8) is None
+    assert pair_swaps(Namespace(pair_order="given", seed=3), "quora", 10, 8) is None
+
+
+def test_bad_saved_pair_order_names_the_file(tiny, tmp_path):
+    from smarter_fast.model import MultitaskBert
+    model = MultitaskBert.from_pretrained(tiny[0], pair_order="symmetric")
+    model.save_pretrained(tmp_path / "ck")
+    assert MultitaskBert.from_pretrained(tmp_path / "ck").pair_order == "symmetric"
+    assert MultitaskBert.from_pretrained(tmp_path / "ck", pair_order="given").pair_order == "given"
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["smarter_fast_pair_order"] = "sorted"
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json.*smarter_fast_pair_order"):
+        MultitaskBert.from_pretrained(tmp_path / "ck")
+    with pytest.raises(ValueError, match="pair_order"):
+        MultitaskBert.from_pretrained(tiny[0], pair_order="sorted")
+
+
+def test_train_symmetric_with_ema_then_evaluate_cli(tiny, tmp_path, capsys):
+    """Training feeds both orders; the checkpoint keeps pair_order; `evaluate` reproduces the run's
+    dev metrics from checkpoints/best, which holds the EMA weights; a resume keeps the average."""
+    from safetensors.torch import load_file
+    from smarter_fast.evaluate import main as evaluate_main
+    from smarter_fast.train import main as train_main
+    ckpt, data = tiny
+    out = tmp_path / "run"
+    base = ["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out), "--batch-size", "4",
+            "--eval-batch-size", "5", "--lr", "1e-3", "--max-length", "48", "--num-threads", "1",
+            "--split-parts", "1", "--pair-order", "symmetric", "--ema", "0.9", "--seed", "5"]
+    assert train_main([*base, "--epochs", "1"]) == 0  # one epoch: it is the best one
+    stdout = capsys.readouterr().out
+    assert "pair order symmetric" in stdout and "weight EMA decay 0.9" in stdout
+    best, last = out / "checkpoints" / "best", out / "checkpoints" / "last"
+    assert json.loads((best / "config.json").read_text())["smarter_fast_pair_order"] == "symmetric"
+    rows_ = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("raw_mean_score" in r and "quora_acc_given_order" in r for r in rows_)
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["ema"]["decay"] == 0.9 and state["ema"]["updates"] == state["global_step"] > 0
+    from smarter_fast.model import MultitaskBert
+    ema_w = load_file(str(last / "ema.safetensors"))  # MultitaskBert state_dict names
+    raw_w = MultitaskBert.from_pretrained(last).state_dict()
+    assert set(ema_w) == set(raw_w)
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in raw_w)  # the average is not the weights
+    best_w = MultitaskBert.from_pretrained(best).state_dict()  # best holds the average
+    assert all(torch.equal(best_w[k], ema_w[k]) for k in ema_w)
+    run_best = json.loads((out / "dev_metrics.json").read_text())
+    ev = tmp_path / "ev"
+    assert evaluate_main(["--checkpoint", str(best), "--data-dir", str(data), "--out", str(ev),
+                          "--num-threads", "1", "--batch-size", "3"]) == 0
+    got = json.loads((ev / "dev_metrics.json").read_text())
+    assert got["quora_acc"] == run_best["quora_acc"] and got["sst_acc"] == run_best["sst_acc"]
+    assert got["sts_pearson"] == pytest.approx(run_best["sts_pearson"], abs=1e-4)
+    # resume for a second epoch: the average continues from the saved one
+    assert train_main([*base, "--epochs", "2", "--resume"]) == 0
+    state3 = json.loads((last / "trainer_state.json").read_text())
+    assert state3["ema"]["updates"] == state3["global_step"] > state["global_step"]
+
+
+def test_weight_ema_update_rule(tiny):
+    from smarter_fast.ema import WeightEma
+    from smarter_fast.model import MultitaskBert
+    model = MultitaskBert.from_pretrained(tiny[0], backend="ref")
+    ema = WeightEma(model, 0.99)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    torch.manual_seed(0)
+    expect = [w.clone() for w in w0]
+    for n in range(1, 4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        d = min(0.99, (1 + n) / (10 + n))  # warm-up of the decay
+        assert ema.rate() == pytest.approx(d)
+        ema.update(model)
+        expect = [d * e + (1 - d) * p.detach() for e, p in zip(expect, model.parameters())]
+    for e, p in zip(expect, ema.model.parameters()):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+        assert not p.requires_grad
+    with pytest.raises(ValueError, match="decay"):
+        WeightEma(model, 1.0)

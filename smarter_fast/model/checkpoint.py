@@ -129,10 +129,10 @@ def read_config(directory) -> BertConfig:
 
 
 def read_head_options(directory) -> dict:
-    """{"pooling", "pair_features"} saved in a MultitaskBert checkpoint's config.json (keys
-    smarter_fast_pooling / smarter_fast_pair_features); absent keys are left out, so a plain
+    """{"pooling", "pair_features", "pair_order"} saved in a MultitaskBert checkpoint's config.json
+    (keys smarter_fast_pooling / _pair_features / _pair_order); absent keys are left out, so a plain
     Hugging Face BERT directory gives {}. ValueError naming the file for an unknown value."""
-    from .heads import CONFIG_KEYS, PAIR_FEATURES, POOLINGS
+    from .heads import CONFIG_KEYS, PAIR_FEATURES, PAIR_ORDERS, POOLINGS
     file = Path(directory) / "config.json"
     if not file.is_file():
         return {}
@@ -141,7 +141,7 @@ def read_head_options(directory) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
     out = {}
-    for name, choices in (("pooling", POOLINGS), ("pair_features", PAIR_FEATURES)):
+    for name, choices in (("pooling", POOLINGS), ("pair_features", PAIR_FEATURES), ("pair_order", PAIR_ORDERS)):
         value = d.get(CONFIG_KEYS[name])
         if value is None:
             continue

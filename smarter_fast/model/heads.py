@@ -13,6 +13,10 @@ Pair features (`pair_features`, for paraphrase and similarity only):
 The model splits the pooled (kB, H) rows by its own setting (`rows_per_example`), so every path
 (forward, forward_packed, heads_from_embeddings) takes such stacked batches; labels stay (B,).
 
+Pair order (`pair_order`): paraphrase and similarity are symmetric, but a cross-encoded pair is
+not. given: s1 then s2 as in the data. symmetric: training feeds each pair in a random order and
+predictions average both orders (smarter_fast.evaluate), twice the inference work for pairs.
+
 For SMART the work splits in two: `bert.embed(...)` once, then `heads_from_embeddings(task, E,
 ...)` for the clean and for the perturbed embeddings.
 """
@@ -33,8 +37,10 @@ PAIR_FEATURES = ("cross", "bi", "both")
 PAIR_TASKS = ("paraphrase", "similarity")
 ROWS_PER_PAIR = {"cross": 1, "bi": 2, "both": 3}  # encoder rows per pair example
 # config.json keys of a saved MultitaskBert (a Hugging Face loader ignores unknown keys)
-CONFIG_KEYS = {"pooling": "smarter_fast_pooling", "pair_features": "smarter_fast_pair_features"}
-DEFAULTS = {"pooling": "cls", "pair_features": "cross"}
+PAIR_ORDERS = ("given", "symmetric")
+CONFIG_KEYS = {"pooling": "smarter_fast_pooling", "pair_features": "smarter_fast_pair_features",
+               "pair_order": "smarter_fast_pair_order"}
+DEFAULTS = {"pooling": "cls", "pair_features": "cross", "pair_order": "given"}
 
 
 def pair_input_size(hidden: int, pair_features: str) -> int:
@@ -42,8 +48,8 @@ def pair_input_size(hidden: int, pair_features: str) -> int:
     return {"cross": hidden, "bi": 2 * hidden + 1, "both": 3 * hidden + 1}[pair_features]
 
 
-def _resolve(saved: dict, pooling, pair_features) -> dict:
-    asked = {"pooling": pooling, "pair_features": pair_features}
+def _resolve(saved: dict, pooling, pair_features, pair_order=None) -> dict:
+    asked = {"pooling": pooling, "pair_features": pair_features, "pair_order": pair_order}
     return {k: asked[k] if asked[k] is not None else saved.get(k, DEFAULTS[k]) for k in DEFAULTS}
 
 
@@ -53,16 +59,19 @@ class MultitaskBert(nn.Module):
     cls_only_last_layer = True
 
     def __init__(self, bert: BertModel, dropout: float = 0.0, pooling: str = "cls",
-                 pair_features: str = "cross"):
+                 pair_features: str = "cross", pair_order: str = "given"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         if pair_features not in PAIR_FEATURES:
             raise ValueError(f"pair_features must be 'cross', 'bi' or 'both', got {pair_features!r}")
+        if pair_order not in PAIR_ORDERS:
+            raise ValueError(f"pair_order must be 'given' or 'symmetric', got {pair_order!r}")
         H = bert.config.hidden_size
         self.bert = bert
         self.pooling = pooling
         self.pair_features = pair_features
+        self.pair_order = pair_order
         self.dropout = nn.Dropout(dropout)
         self.sentiment = nn.Linear(H, N_SENTIMENT_CLASSES)
         self.paraphrase = nn.Linear(pair_input_size(H, pair_features), 1)
@@ -88,17 +97,18 @@ class MultitaskBert(nn.Module):
 
     @staticmethod
     def resolve_options(path=None, pooling: str | None = None,
-                        pair_features: str | None = None) -> dict:
-        """{"pooling", "pair_features"} for a checkpoint directory (None: the embedded default):
+                        pair_features: str | None = None, pair_order: str | None = None) -> dict:
+        """{"pooling", "pair_features", "pair_order"} for a checkpoint directory (None: the embedded default):
         an explicit value wins, None means as saved in its config.json, else cls / cross.
         Reads config.json only (to encode data before the model is loaded)."""
         from .checkpoint import default_checkpoint_dir, read_head_options
         saved = read_head_options(default_checkpoint_dir() if path is None else path)
-        return _resolve(saved, pooling, pair_features)
+        return _resolve(saved, pooling, pair_features, pair_order)
 
     @classmethod
     def from_pretrained(cls, path=None, dropout: float = 0.0, pooling: str | None = None,
-                        pair_features: str | None = None, backend: str = "auto") -> "MultitaskBert":
+                        pair_features: str | None = None, pair_order: str | None = None,
+                        backend: str = "auto") -> "MultitaskBert":
         """Encoder from a BERT directory (None: the embedded default). Task heads are loaded
         too when the directory was written by save_checkpoint from a MultitaskBert, and freshly
         initialised otherwise. pooling / pair_features: None means as saved in the checkpoint
@@ -107,7 +117,7 @@ class MultitaskBert(nn.Module):
         from .checkpoint import load_pretrained_bert, read_head_options, warn_unused
         bert, extra, directory = load_pretrained_bert(path, backend=backend)
         saved = read_head_options(directory)
-        options = _resolve(saved, pooling, pair_features)
+        options = _resolve(saved, pooling, pair_features, pair_order)
         model = cls(bert, dropout=dropout, **options)
         heads = {k: extra.pop(k) for k in list(extra) if k.split(".")[0] in TASKS}
         if heads:
@@ -136,7 +146,8 @@ class MultitaskBert(nn.Module):
     def checkpoint_config(self) -> dict:
         """The extra config.json keys that let from_pretrained restore these options."""
         return {CONFIG_KEYS["pooling"]: self.pooling,
-                CONFIG_KEYS["pair_features"]: self.pair_features}
+                CONFIG_KEYS["pair_features"]: self.pair_features,
+                CONFIG_KEYS["pair_order"]: self.pair_order}
 
     def rows_per_example(self, task: str) -> int:
         """Encoder rows per example in a batch of `task`: 1, or 2 / 3 for pair tasks in bi / both

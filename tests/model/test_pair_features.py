@@ -239,7 +239,8 @@ def test_checkpoint_round_trip_restores_options_and_outputs(tmp_path, pooling, p
     other = "cls" if pooling == "mean" else "mean"
     assert MultitaskBert.from_pretrained(tmp_path / "mt", pooling=other).pooling == other
     assert MultitaskBert.resolve_options(tmp_path / "mt") == {"pooling": pooling,
-                                                              "pair_features": pair_features}
+                                                              "pair_features": pair_features,
+                                                              "pair_order": "given"}
 
 
 def test_plain_bert_dir_loads_as_cls_cross_and_takes_explicit_options(tmp_path):

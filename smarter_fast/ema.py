@@ -1,0 +1,60 @@
+"""Exponential moving average of the weights (`python -m smarter_fast.train --ema DECAY`).
+
+After every optimizer step: ema <- d * ema + (1 - d) * weights with d = min(DECAY, (1 + n) / (10 + n))
+after n updates (the warm-up of tf.train.ExponentialMovingAverage, so the first steps are not
+dominated by the pretrained weights). Dev evaluation, `checkpoints/best` and the predictions use the
+averaged weights; training goes on from the raw ones. The average is saved beside the raw weights in
+`checkpoints/last` (`ema.safetensors`, the update count in trainer_state.json) so --resume keeps it.
+Cost: one in-place lerp over the parameters per step (three streams of 4 bytes per parameter).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+EMA_FILE = "ema.safetensors"
+
+
+class WeightEma:
+    def __init__(self, model, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = float(decay)
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+
+    def rate(self) -> float:
+        """The decay of the next update."""
+        n = self.updates + 1
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        d = self.rate()
+        self.updates += 1
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
+
+    def save(self, directory) -> None:
+        from safetensors.torch import save_file
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  str(Path(directory) / EMA_FILE))
+
+    def load(self, directory, updates: int) -> bool:
+        """Restore the average saved in a checkpoint directory; False when it has none."""
+        file = Path(directory) / EMA_FILE
+        if not file.is_file():
+            return False
+        from safetensors.torch import load_file
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict({k: v.to(device) for k, v in load_file(str(file)).items()})
+        self.updates = int(updates)
+        return True
+
+    def state(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates}
