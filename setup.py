@@ -53,7 +53,9 @@ if HAVE_TORCH and os.environ.get("SMARTER_FAST_SKIP_BUILD") != "1":
             sources=caps["COMMON_SOURCES"],
             include_dirs=[os.path.join(ROOT, "csrc")],
             depends=[os.path.join("csrc", p) for p in ("checks.h", "kernels/kernel_table.h",
-                                                      "kernels/kernels_impl.h", "kernels/philox.h")],
+                                                      "kernels/kernels_impl.h", "kernels/philox.h",
+                                                      "kernels/attention_impl.h",
+                                                      "kernels/layernorm_impl.h")],
             extra_compile_args={
                 "cxx": caps["COMMON_FLAGS"] + ["-fopenmp", "-DSMARTER_FAST_PYTHON_MODULE"]
                 + caps["have_defines"](variants)

@@ -10,6 +10,10 @@ first rows of each ../shared/data/cs224n training file (a generated stand-in whe
   output (cross-entropy, BCE-with-logits, MSE) + torch.optim.AdamW defaults + random batches;
 - `auto`, `auto-bf16`: MultitaskBert + smarter_fast.optim.AdamW on length-bucketed batches (per
   task), as `python -m smarter_fast.train` steps, fp32 and under bf16 autocast.
+Batches: as training draws them, from pools of POOL_BATCHES * 8 = 400 examples per task (the
+`Schedule` default), sorted by length and cut into batches whose order is shuffled; the first
+MIX[task] of those batches are the ones timed. `hf` gets the same 72 examples per task in random
+batches, so both sides train on the very same examples and differ only in padding.
 extra_info: examples_per_s and ratio_to_hf.
 """
 
@@ -25,6 +29,7 @@ from benchutil import (Cycle, cs224n_dir, group_name, hf_bert, label, our_model_
 BATCH = 8
 LR = 1e-5
 N_BATCHES = 24
+POOL_BATCHES = 50  # smarter_fast.data.schedules.Schedule.pool_batches: training buckets 400 examples at a time
 MIX = {"sst": 9, "quora": 9, "sts": 6}  # batches per task: 36% / 38% / 26% of 24
 PROVIDERS = ["hf", "auto", "auto-bf16"]  # hf first: the others' ratios need it
 
@@ -39,7 +44,7 @@ def task_examples():
     directory, real = cs224n_dir()
     tok = load_tokenizer()
     out = {}
-    n = BATCH * max(MIX.values())
+    n = BATCH * POOL_BATCHES
     sst, _ = read_sst(directory / "ids-sst-train.csv", limit=n)
     out["sst"] = (*encode_sentences(tok, [e.sentence for e in sst]), [int(e.label) for e in sst])
     for task, reader, path in (("quora", read_quora, "quora-train.csv"), ("sts", read_sts, "sts-train.csv")):
@@ -50,17 +55,20 @@ def task_examples():
 
 
 def make_pipeline_batches(examples: dict, bucketed: bool, seed: int = 0) -> list[tuple[str, dict]]:
-    """[(task, padded batch)] in split1's task-after-task order, MIX[task] batches per task."""
+    """[(task, padded batch)] in split1's task-after-task order, MIX[task] batches per task: the
+    first MIX[task] length-bucketed batches of a training pool of the task's examples (bucketed),
+    or the same examples in random batches."""
     from smarter_fast.data import LengthBucketSampler, pad_batch, random_batch_sampler
 
     out = []
     for task, n_batches in MIX.items():
         ids, types, labels = examples[task]
-        n = n_batches * BATCH
-        ids, types, labels = ids[:n], types[:n], labels[:n]
-        sampler = (LengthBucketSampler([len(x) for x in ids], BATCH, pool_batches=n_batches, seed=seed)
-                   if bucketed else random_batch_sampler(n, BATCH, seed=seed))
-        for b in sampler.batches():
+        pool = LengthBucketSampler([len(x) for x in ids], BATCH, pool_batches=POOL_BATCHES, seed=seed)
+        batches = pool.batches()[:n_batches]
+        if not bucketed:  # the same examples, shuffled into random batches
+            chosen = [i for b in batches for i in b]
+            batches = [[chosen[j] for j in b] for b in random_batch_sampler(len(chosen), BATCH, seed=seed).batches()]
+        for b in batches:
             out.append((task, pad_batch([ids[i] for i in b], [types[i] for i in b],
                                         [labels[i] for i in b])))
     return out
