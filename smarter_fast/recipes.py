@@ -20,7 +20,7 @@ RECIPES: dict[str, dict] = {
         "pair_order": "symmetric",  # pairs trained in random order, predicted from both orders
         "schedule": "sqrt",  # batches of all tasks interleaved: nothing is forgotten
         "batch_size": 16,
-        "lr": 1e-4,
+        "lr": 5e-5,  # 40-min runs: 0.741 mean against 0.732 at 1e-4 (SST overfits less; README)
         "lr_schedule": "linear",
         "warmup_ratio": 0.05,
         "dropout": 0.1,
