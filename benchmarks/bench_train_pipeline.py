@@ -15,9 +15,17 @@ Batches: as training draws them, from pools of POOL_BATCHES * 8 = 400 examples p
 MIX[task] of those batches are the ones timed. `hf` gets the same 72 examples per task in random
 batches, so both sides train on the very same examples and differ only in padding.
 extra_info: examples_per_s and ratio_to_hf.
+
+Group `train-pipeline-interleaved` (the figure for the issue-5 targets): the three providers
+step in turn, the order rotating every round, through INTERLEAVED_PASSES passes over their 24
+batches, so a slower or faster spell of this shared machine hits all of them alike (separate
+runs of the group above differed by up to 30% in the `hf` time). extra_info: each provider's
+examples/s over all its steps and `auto` / `auto-bf16` over `hf`.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -32,6 +40,7 @@ N_BATCHES = 24
 POOL_BATCHES = 50  # smarter_fast.data.schedules.Schedule.pool_batches: training buckets 400 examples at a time
 MIX = {"sst": 9, "quora": 9, "sts": 6}  # batches per task: 36% / 38% / 26% of 24
 PROVIDERS = ["hf", "auto", "auto-bf16"]  # hf first: the others' ratios need it
+INTERLEAVED_PASSES = 2
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +154,37 @@ def bench_train_pipeline(benchmark, results, task_examples, provider):
     benchmark.pedantic(step, setup=TaskCycle(items, device), rounds=N_BATCHES, warmup_rounds=2,
                        iterations=1)
     record_step_ratio(benchmark, results, group, provider, BATCH)
+
+
+def bench_train_pipeline_interleaved(benchmark, task_examples):
+    device = "cpu"
+    examples, real = task_examples
+    items = {p: make_pipeline_batches(examples, bucketed=p != "hf") for p in PROVIDERS}
+    steps = {"hf": hf_step_fn(device)}
+    for p in PROVIDERS[1:]:
+        model, opt = our_model_and_optimizer("auto", device, lr=LR)
+        steps[p] = our_pipeline_step_fn(model, opt, device, bf16=p.endswith("bf16"))
+    cycles = {p: TaskCycle(items[p], device) for p in PROVIDERS}
+    label(benchmark, group_name("train-pipeline-interleaved", device), "all", batch_size=BATCH,
+          mix=dict(MIX), passes=INTERLEAVED_PASSES, data="cs224n" if real else "generated stand-in")
+    seconds = {p: 0.0 for p in PROVIDERS}
+    turn = {"i": 0}
+
+    def round_of_steps():
+        order = PROVIDERS[turn["i"] % 3:] + PROVIDERS[:turn["i"] % 3]
+        turn["i"] += 1
+        for p in order:
+            batch = cycles[p]()[0][0]
+            t0 = time.perf_counter()
+            steps[p](batch)
+            seconds[p] += time.perf_counter() - t0
+
+    for _ in range(2):  # warm-up steps, not counted
+        round_of_steps()
+    for p in PROVIDERS:
+        seconds[p] = 0.0
+    n_steps = INTERLEAVED_PASSES * len(items["hf"])
+    benchmark.pedantic(round_of_steps, rounds=n_steps, iterations=1)
+    eps = {p: n_steps * BATCH / seconds[p] for p in PROVIDERS}
+    benchmark.extra_info.update({f"{p}_examples_per_s": round(eps[p], 2) for p in PROVIDERS})
+    benchmark.extra_info.update({f"{p}_over_hf": round(eps[p] / eps["hf"], 3) for p in PROVIDERS[1:]})
