@@ -94,10 +94,16 @@ class Op:
 
     def select(self, backend: str | None, tensors: Sequence[torch.Tensor], **options) -> Backend:
         request = resolve_request(backend)
+        if request != "auto" and request not in self.backends:
+            # A request for the whole model (--backend triton) reaches ops that have no such
+            # implementation at all (dropout_add_layer_norm has cpp and ref only): those choose
+            # automatically, and say so once, instead of failing the run.
+            if ("no-such", request) not in self._logged:
+                self._logged.add(("no-such", request))
+                log.info("%s: no %s backend; choosing automatically", self.name, request)
+            request = "auto"
         if request != "auto":
-            chosen = self.backends.get(request)
-            if chosen is None:
-                raise BackendUnavailableError(f"{self.name}: no {request!r} backend")
+            chosen = self.backends[request]
             reasons = chosen.not_supported_reasons(tensors, **options)
             if reasons:
                 raise BackendUnavailableError(

@@ -107,3 +107,27 @@ def test_auto_never_picks_the_triton_interpreter_for_cpu_tensors(monkeypatch):
     x = torch.randn(3)
     assert op.select("auto", (x,)).name == "ref"
     assert op.select("triton", (x,)).name == "triton"  # explicit: runs in the interpreter
+
+
+def test_request_for_a_backend_the_op_lacks_falls_back_to_auto(caplog):
+    """`--backend triton` applies to the whole model; an op with no triton implementation at all
+    (dropout_add_layer_norm) chooses automatically and logs it once, instead of failing."""
+    op = Op("cpp-and-ref-only")
+    for name in ("cpp", "ref"):
+        op.register(Backend(name, fn=lambda n=name: n, devices=lambda: ("cpu",),
+                            dtypes=registry.FLOAT_DTYPES, availability=lambda: None))
+    x = torch.randn(3)
+    with caplog.at_level(logging.INFO, logger="smarter_fast"):
+        assert op.select("triton", (x,)).name == "cpp"
+        assert op.select("triton", (x,)).name == "cpp"
+    assert sum("no triton backend; choosing automatically" in r.getMessage() for r in caplog.records) == 1
+    # a backend the op has but that cannot run the inputs is still an error
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        Op.select(_only_float32_cpp(), "cpp", (torch.randn(2, dtype=torch.float64),))
+
+
+def _only_float32_cpp():
+    op = Op("f32")
+    op.register(Backend("cpp", fn=lambda: None, devices=lambda: ("cpu",), dtypes=(torch.float32,),
+                        availability=lambda: None))
+    return op
