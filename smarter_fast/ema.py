@@ -19,10 +19,14 @@ EMA_FILE = "ema.safetensors"
 
 
 class WeightEma:
-    def __init__(self, model, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+    """A frozen eval-mode copy of `model` whose weights follow the moving average. warmup=False
+    uses DECAY from the first update (the Bregman teacher of full SMART, smarter_fast.smart)."""
+
+    def __init__(self, model, decay: float, warmup: bool = True):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
+        self.warmup = warmup
         self.updates = 0
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
@@ -32,7 +36,7 @@ class WeightEma:
     def rate(self) -> float:
         """The decay of the next update."""
         n = self.updates + 1
-        return min(self.decay, (1.0 + n) / (10.0 + n))
+        return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model) -> None:

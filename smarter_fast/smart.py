@@ -31,12 +31,12 @@ beta 0.995): its output (no dropout, no gradient) anchors the student's clean ou
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 import torch.nn.functional as F
 
 from . import ops
+from .ema import WeightEma
 from .losses import HEAD_OF, task_loss
 
 SMART_MODES = ("off", "simple", "full")
@@ -179,32 +179,26 @@ def adversarial_perturbation(model, task: str, E: torch.Tensor, mask: torch.Tens
     return (delta, losses) if return_losses else delta
 
 
-class EmaTeacher:
+class EmaTeacher(WeightEma):
     """Mean teacher for the momentum Bregman proximal point: theta~ <- beta theta~ + (1 - beta) theta
-    after every optimizer step; evaluated without dropout and without gradient."""
+    after every optimizer step (no warm-up); evaluated without dropout and without gradient."""
 
     def __init__(self, model, beta: float = 0.995):
-        self.beta = float(beta)
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        super().__init__(model, beta, warmup=False)
 
-    @torch.no_grad()
-    def update(self, model) -> None:
-        src = [p.detach() for p in model.parameters()]
-        dst = list(self.model.parameters())
-        torch._foreach_mul_(dst, self.beta)
-        torch._foreach_add_(dst, src, alpha=1.0 - self.beta)
+    @property
+    def beta(self) -> float:
+        return self.decay
 
     @torch.no_grad()
     def __call__(self, task: str, batch: dict) -> torch.Tensor:
         return task_forward(self.model, task, batch)
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "model": self.model.state_dict()}
+        return {"beta": self.decay, "model": self.model.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.beta = float(sd["beta"])
+        self.decay = float(sd["beta"])
         self.model.load_state_dict(sd["model"])
 
 
