@@ -71,10 +71,18 @@ class EncodedTask:
             self.parts = [encode_sentences(tokenizer, [e.sentence for e in examples])]
         else:
             s1, s2 = [e.sentence1 for e in examples], [e.sentence2 for e in examples]
-            self.parts = self._encode_pairs(tokenizer, s1, s2)
+            self.parts = []
+            if self.pair_features in ("cross", "both"):
+                self.parts.append(encode_pairs(tokenizer, s1, s2))
+            if self.pair_features in ("bi", "both"):
+                self.parts += [encode_sentences(tokenizer, s1), encode_sentences(tokenizer, s2)]
         self.swapped_parts = None
-        if both_orders and task != "sst":
-            self.swapped_parts = self._encode_pairs(tokenizer, s2, s1)
+        if both_orders and task != "sst":  # the cross block is encoded anew, the bi blocks swap
+            self.swapped_parts = []
+            if self.pair_features in ("cross", "both"):
+                self.swapped_parts.append(encode_pairs(tokenizer, s2, s1))
+            if self.pair_features in ("bi", "both"):
+                self.swapped_parts += self.parts[-2:][::-1]
         self.ids, self.type_ids = self.parts[0]
         labels = [e.label for e in examples]
         self.labels = None if not labels or labels[0] is None else labels
@@ -87,14 +95,6 @@ class EncodedTask:
         else:
             self.lengths = np.array([len(x) for x in self.ids], dtype=np.int64)
 
-    def _encode_pairs(self, tokenizer, s1, s2) -> list:
-        parts = []
-        if self.pair_features in ("cross", "both"):
-            parts.append(encode_pairs(tokenizer, s1, s2))
-        if self.pair_features in ("bi", "both"):
-            parts += [encode_sentences(tokenizer, s1), encode_sentences(tokenizer, s2)]
-        return parts
-
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -106,18 +106,14 @@ class EncodedTask:
         """Padded batch of these examples (labels included when known): B rows, or 2B / 3B
         stacked rows for bi / both pairs, one padded batch. swap: per index, True takes the pair
         as (s2, s1) (needs both_orders); None: the given order."""
-        if swap is None or self.swapped_parts is None:
-            if swap is not None and np.any(swap):
-                raise ValueError(f"{self.task}: swapped pairs asked for but not encoded (both_orders=False)")
-            ids = [part[0][i] for part in self.parts for i in indices]
-            type_ids = [part[1][i] for part in self.parts for i in indices]
-        else:
-            swap = np.broadcast_to(np.asarray(swap, dtype=bool), (len(indices),))
-            pick = [(sw if s else part) for part, sw in zip(self.parts, self.swapped_parts)
-                    for s in swap]  # one source per block and index
-            rows = [i for _ in self.parts for i in indices]
-            ids = [src[0][i] for src, i in zip(pick, rows)]
-            type_ids = [src[1][i] for src, i in zip(pick, rows)]
+        swap = np.zeros(len(indices), bool) if swap is None else \
+            np.broadcast_to(np.asarray(swap, dtype=bool), (len(indices),))
+        if swap.any() and self.swapped_parts is None:
+            raise ValueError(f"{self.task}: swapped pairs asked for but not encoded (both_orders=False)")
+        blocks = zip(self.parts, self.swapped_parts or self.parts)
+        rows = [(sw if s else part, i) for part, sw in blocks for i, s in zip(indices, swap)]
+        ids = [src[0][i] for src, i in rows]
+        type_ids = [src[1][i] for src, i in rows]
         b = pad_batch(ids, type_ids, None, pad_id=pad_id)
         if self.labels is not None:
             b["labels"] = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
@@ -135,7 +131,11 @@ def encode_split(split_data, tokenizer, pair_features: str = "cross",
 def encode_for(model, split_data, tokenizer) -> dict[str, EncodedTask]:
     """encode_split in the layout and pair orders `model` predicts from."""
     return encode_split(split_data, tokenizer, getattr(model, "pair_features", "cross"),
-                        getattr(model, "pair_order", "given") == "symmetric")
+                        _symmetric(model))
+
+
+def _symmetric(model) -> bool:
+    return getattr(model, "pair_order", "given") == "symmetric"
 
 
 def _check_layout(model, data: EncodedTask) -> None:
@@ -145,7 +145,7 @@ def _check_layout(model, data: EncodedTask) -> None:
         raise ValueError(f"{data.task} data encoded with pair_features={data.pair_features!r} but "
                          f"the model uses {model_pf!r}: encode with encode_split(..., "
                          f"pair_features=model.pair_features)")
-    if getattr(model, "pair_order", "given") == "symmetric" and data.task != "sst" and data.swapped_parts is None:
+    if _symmetric(model) and data.task != "sst" and data.swapped_parts is None:
         raise ValueError(f"{data.task} data encoded in one pair order but the model averages both "
                          f"(pair_order 'symmetric'): encode with encode_for(model, ...)")
 
@@ -158,7 +158,7 @@ def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
     For a model with pair_order "symmetric", pair outputs are the mean over both orders;
     orders=True returns (outputs, outputs of the given order alone) instead."""
     _check_layout(model, data)
-    if getattr(model, "pair_order", "given") == "symmetric" and data.task != "sst":
+    if _symmetric(model) and data.task != "sst":
         given = _outputs(model, data, batch_size, device, autocast_dtype, swap=False)
         swapped = _outputs(model, data, batch_size, device, autocast_dtype, swap=True)
         mean = (given + swapped) / 2
@@ -256,7 +256,7 @@ def evaluate_dev(model, dev: dict[str, EncodedTask], batch_size: int = 64, devic
     outs = {t: model_outputs(model, dev[t], batch_size, device, autocast_dtype, orders=True) for t in TASKS}
     preds = {t: predictions_from_outputs(t, outs[t][0]) for t in TASKS}
     metrics = compute_metrics(preds, {t: dev[t].labels for t in TASKS})
-    if getattr(model, "pair_order", "given") == "symmetric":
+    if _symmetric(model):
         metrics["quora_acc_given_order"] = accuracy(predictions_from_outputs("quora", outs["quora"][1]),
                                                     dev["quora"].labels)
         metrics["sts_pearson_given_order"] = pearson(outs["sts"][1], dev["sts"].labels)
