@@ -20,13 +20,12 @@ import torch.nn.functional as F
 
 from .. import ops
 
-# Hugging Face names for the activations we support; "gelu" is the exact (erf) GELU.
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+# Hugging Face names for the activations we support -> the function BertLayer applies (inside
+# linear(ffn_out), see there); "gelu" is the exact (erf) GELU.
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "relu": "relu"}
+_FUSED_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+                      "relu": F.relu}
 
 
 @dataclass
@@ -254,19 +253,34 @@ class _LinearGrads:
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, sinks, dtype):
+    def forward(ctx, x, weight, bias, sinks, dtype, act):
         if dtype is not None:  # autocast: compute in its dtype, as F.linear would
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        ctx.save_for_backward(x, weight)
-        ctx.sinks, ctx.has_bias = sinks, bias is not None
+        pre = x
+        if act is not None:  # x is the activation's input: linear(act(x))
+            x = _FUSED_ACTIVATIONS[act](pre)
+            ctx.save_for_backward(x, weight, pre)
+        else:
+            ctx.save_for_backward(x, weight)
+        ctx.sinks, ctx.has_bias, ctx.act = sinks, bias is not None, act
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
-        x, w = ctx.saved_tensors
+        x, w = ctx.saved_tensors[:2]
         gy = gy.to(w.dtype)
         gx = gy @ w if ctx.needs_input_grad[0] else None
+        if gx is not None and ctx.act is not None:
+            # The activation's backward in place, into the buffer just allocated for gx: one
+            # (tokens, I) tensor fewer per layer than a separate activation node.
+            pre = ctx.saved_tensors[2]
+            if ctx.act == "relu":
+                gx.masked_fill_(pre <= 0, 0.0)
+            else:
+                approximate = "tanh" if ctx.act == "gelu_tanh" else "none"
+                torch.ops.aten.gelu_backward.grad_input(gx, pre, approximate=approximate,
+                                                        grad_input=gx)
         g2 = gy.reshape(-1, gy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         m = ctx.sinks.module()
@@ -279,25 +293,26 @@ class _Linear(torch.autograd.Function):
             if ctx.has_bias and m.bias.requires_grad:
                 ctx.sinks.bias.write(m.bias, lambda: g2.sum(0, dtype=m.bias.dtype),
                                      lambda buf: torch.sum(g2, 0, dtype=buf.dtype, out=buf))
-        return gx, None, None, None, None
+        return gx, None, None, None, None, None
 
 
 _SINKS: "weakref.WeakKeyDictionary[nn.Linear, _LinearGrads]" = weakref.WeakKeyDictionary()
 
 
-def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """module(x), with the weight and bias gradients written into the optimizer's memory."""
+def linear(module: nn.Linear, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+    """module(x), or module(act(x)) for act in _FUSED_ACTIVATIONS, with the weight and bias
+    gradients written into the optimizer's memory."""
     w = module.weight
     if not (FUSED_LINEAR_GRADS and torch.is_grad_enabled() and w.requires_grad
             and w.layout == torch.strided and not _distributed()):
-        return module(x)
+        return module(_FUSED_ACTIVATIONS[act](x) if act is not None else x)
     sinks = _SINKS.get(module)
     if sinks is None:
         sinks = _SINKS[module] = _LinearGrads(module)
     dtype = None
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    return _Linear.apply(x, w, module.bias, sinks, dtype)
+    return _Linear.apply(x, w, module.bias, sinks, dtype, act)
 
 
 def _distributed() -> bool:
@@ -332,7 +347,7 @@ class BertLayer(nn.Module):
         self.ffn_in = nn.Linear(H, I)
         self.ffn_out = nn.Linear(I, H)
         self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act_name = _ACTIVATIONS[config.hidden_act]  # applied by linear(ffn_out)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attn_dropout = config.attention_probs_dropout_prob
 
@@ -382,8 +397,8 @@ class BertLayer(nn.Module):
         else:
             y = self.self_attention(x, attention_mask, cu_seqlens, max_seqlen, backend)
         x = self._add_norm(x, linear(self.attn_out, y), self.attn_norm, p, backend)
-        h = self.act(linear(self.ffn_in, x))  # (..., I)
-        x = self._add_norm(x, linear(self.ffn_out, h), self.ffn_norm, p, backend)
+        h = linear(self.ffn_in, x)  # (..., I) before the activation
+        x = self._add_norm(x, linear(self.ffn_out, h, act=self.act_name), self.ffn_norm, p, backend)
         return x[:, None] if cls_only and cu_seqlens is None else x
 
     @staticmethod

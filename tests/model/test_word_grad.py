@@ -100,24 +100,26 @@ def test_word_grad_with_flat_adamw_steps_like_autograd():
     torch.testing.assert_close(fast.norm.weight, slow.norm.weight, rtol=0, atol=0)
 
 
-def _tiny_bert(seed=0):
+def _tiny_bert(seed=0, hidden_act="gelu"):
     from smarter_fast.model.bert import BertModel
 
     cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=24, max_position_embeddings=12, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
+                     attention_probs_dropout_prob=0.0, hidden_act=hidden_act)
     torch.manual_seed(seed)
     return BertModel(cfg, backend="ref").train()
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_fused_linear_grads_match_autograd_over_adamw_steps(bf16, monkeypatch):
-    """bert.linear (grads written into the optimizer's buffers) against nn.Linear's autograd
-    over AdamW steps, with accumulation (two backwards in one step) and set_to_none both ways."""
+@pytest.mark.parametrize("bf16,act", [(False, "gelu"), (True, "gelu"), (False, "gelu_new"),
+                                      (False, "relu"), (True, "relu")])
+def test_fused_linear_grads_match_autograd_over_adamw_steps(bf16, act, monkeypatch):
+    """bert.linear (grads written into the optimizer's buffers, the FFN activation's backward
+    in place inside linear(ffn_out)) against nn.Linear and the activation under autograd, over
+    AdamW steps, with accumulation (two backwards in one step) and set_to_none both ways."""
     import smarter_fast.model.bert as bert_mod
     from smarter_fast.optim import AdamW
 
-    fast, slow = _tiny_bert(), _tiny_bert()
+    fast, slow = _tiny_bert(hidden_act=act), _tiny_bert(hidden_act=act)
     slow.load_state_dict(fast.state_dict())
     for m in (fast.embeddings, slow.embeddings):
         m.fused_word_grad = False
