@@ -299,20 +299,75 @@ class _Linear(torch.autograd.Function):
 _SINKS: "weakref.WeakKeyDictionary[nn.Linear, _LinearGrads]" = weakref.WeakKeyDictionary()
 
 
-def linear(module: nn.Linear, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
-    """module(x), or module(act(x)) for act in _FUSED_ACTIVATIONS, with the weight and bias
-    gradients written into the optimizer's memory."""
+class _ClsQKV(torch.autograd.Function):
+    """The last layer's QKV projection when only [CLS] is read out: the query of token 0 alone
+    (rows :H of the fused weight), keys and values of every token (rows H:). One node, whose
+    weight gradient is written into the sink in two row blocks (slicing the weight under
+    autograd would zero-fill and add a full-size gradient per slice)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sinks, dtype):
+        if dtype is not None:
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        H = x.shape[-1]
+        x0 = x[:, 0]
+        ctx.save_for_backward(x, weight)
+        ctx.sinks = sinks
+        return F.linear(x0, weight[:H], bias[:H]), F.linear(x, weight[H:], bias[H:])
+
+    @staticmethod
+    def backward(ctx, gq, gkv):
+        x, w = ctx.saved_tensors
+        H = x.shape[-1]
+        gq, gkv = gq.to(w.dtype), gkv.to(w.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = gkv @ w[H:]
+            gx[:, 0] += gq @ w[:H]
+        gkv2, x2, x0 = gkv.reshape(-1, gkv.shape[-1]), x.reshape(-1, H), x[:, 0]
+        m = ctx.sinks.module()
+        with torch.no_grad():
+            if m.weight.requires_grad:
+                def into(buf):
+                    for rows, (a, b) in ((slice(None, H), (gq, x0)), (slice(H, None), (gkv2, x2))):
+                        if buf.dtype == a.dtype:
+                            torch.mm(a.t(), b, out=buf[rows])
+                        else:
+                            buf[rows].copy_(a.t() @ b)
+                ctx.sinks.weight.write(m.weight, lambda: torch.cat([gq.t() @ x0, gkv2.t() @ x2]),
+                                       into)
+            if m.bias.requires_grad:
+                def bias_into(buf):
+                    torch.sum(gq, 0, dtype=buf.dtype, out=buf[:H])
+                    torch.sum(gkv2, 0, dtype=buf.dtype, out=buf[H:])
+                ctx.sinks.bias.write(m.bias, lambda: torch.cat(
+                    [gq.sum(0, dtype=m.bias.dtype), gkv2.sum(0, dtype=m.bias.dtype)]), bias_into)
+        return gx, None, None, None, None
+
+
+def _fused_grads(module: nn.Linear, x: torch.Tensor):
+    """(sinks, autocast dtype) if module's gradients can be written into the optimizer's memory
+    (see above), else None."""
     w = module.weight
     if not (FUSED_LINEAR_GRADS and torch.is_grad_enabled() and w.requires_grad
             and w.layout == torch.strided and not _distributed()):
-        return module(_FUSED_ACTIVATIONS[act](x) if act is not None else x)
+        return None
     sinks = _SINKS.get(module)
     if sinks is None:
         sinks = _SINKS[module] = _LinearGrads(module)
     dtype = None
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-    return _Linear.apply(x, w, module.bias, sinks, dtype, act)
+    return sinks, dtype
+
+
+def linear(module: nn.Linear, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+    """module(x), or module(act(x)) for act in _FUSED_ACTIVATIONS, with the weight and bias
+    gradients written into the optimizer's memory."""
+    fused = _fused_grads(module, x)
+    if fused is None:
+        return module(_FUSED_ACTIVATIONS[act](x) if act is not None else x)
+    return _Linear.apply(x, module.weight, module.bias, *fused, act)
 
 
 def _distributed() -> bool:
@@ -373,8 +428,13 @@ class BertLayer(nn.Module):
         B, L, H = x.shape
         nh, hs = self.n_head, H // self.n_head
         W, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, 0], W[:H], b[:H]).view(B, nh, 1, hs)
-        k, v = F.linear(x, W[H:], b[H:]).view(B, L, 2, nh, hs).permute(2, 0, 3, 1, 4)
+        fused = _fused_grads(self.qkv, x) if b is not None else None
+        if fused is not None:
+            q, kv = _ClsQKV.apply(x, W, b, *fused)
+        else:
+            q, kv = F.linear(x[:, 0], W[:H], b[:H]), F.linear(x, W[H:], b[H:])
+        q = q.view(B, nh, 1, hs)
+        k, v = kv.view(B, L, 2, nh, hs).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-1, -2)) * hs ** -0.5  # (B, nh, 1, L)
         if attention_mask is not None:
             pad = (attention_mask == 0)[:, None, None, :]
