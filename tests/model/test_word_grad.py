@@ -176,3 +176,40 @@ def test_word_grad_not_adopted_when_grad_replaced_before_step():
             opt.zero_grad()
     for a, b in zip(fast.parameters(), slow.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_kept_cast_buffers_give_the_same_bf16_steps(monkeypatch):
+    """Under bf16 autocast, linear() with kept cast buffers (bert.KEEP_CAST_BUFFERS) trains
+    bit for bit like fresh casts: two forwards per step (as SMART's), AdamW steps between."""
+    import smarter_fast.model.bert as bert_mod
+    from smarter_fast.optim import AdamW
+
+    models = [_tiny_bert(seed=3), _tiny_bert(seed=3)]
+    opts = [AdamW(m.parameters(), lr=1e-2, backend="ref") for m in models]
+    ids = torch.randint(1, 40, (4, 3, 7))
+    for step in range(4):
+        for model, opt, keep in zip(models, opts, (True, False)):
+            monkeypatch.setattr(bert_mod, "KEEP_CAST_BUFFERS", keep)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                a = model(ids[step])["pooler_output"].float()
+                b = model(ids[(step + 1) % 4])["pooler_output"].float()
+            ((a - b) ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+def test_kept_cast_buffer_refreshed_under_a_pending_graph_fails_loudly():
+    """A weight changed between a bf16 forward and its backward, with a second forward in
+    between: the kept copy is refreshed, and the first graph's backward raises autograd's
+    in-place error rather than using the new weights."""
+    model = _tiny_bert(seed=4)
+    ids = torch.randint(1, 40, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = model(ids)["pooler_output"].float().sum()
+        with torch.no_grad():
+            model.layers[0].ffn_in.weight.mul_(1.5)
+        model(ids)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
