@@ -54,6 +54,7 @@ if HAVE_TORCH and os.environ.get("SMARTER_FAST_SKIP_BUILD") != "1":
             include_dirs=[os.path.join(ROOT, "csrc")],
             depends=[os.path.join("csrc", p) for p in ("checks.h", "kernels/kernel_table.h",
                                                       "kernels/kernels_impl.h", "kernels/philox.h",
+                                                      "kernels/philox_simd.h",
                                                       "kernels/attention_impl.h",
                                                       "kernels/layernorm_impl.h")],
             extra_compile_args={

@@ -34,6 +34,7 @@
 #endif
 
 #include "kernel_table.h"
+#include "philox_simd.h"
 
 namespace smarter_fast::cpu {
 namespace CPU_CAPABILITY {
@@ -258,39 +259,16 @@ inline int64_t mask_floats(int64_t n) {
   return (std::max<int64_t>(n, 1) + kMaskChunk - 1) / kMaskChunk * kMaskChunk;
 }
 
-constexpr uint32_t kPhiloxA = 0xD2511F53u, kPhiloxB = 0xCD9E8D57u;
-constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
-
 #if defined(CPU_CAPABILITY_AVX512)
-// hi and lo 32 bits of the 32 x 32 products x * a, lane by lane.
-SMARTER_FAST_ALWAYS_INLINE void mulhilo(__m512i x, __m512i a, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(x, a);                       // lanes 0, 2, ...
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), a);  // lanes 1, 3, ...
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
-
 // mult[0..64) for keys 64 t .. 64 t + 64.
 inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head, uint32_t seq,
                          uint32_t threshold, float scale, float* mult) {
-  const __m512i A = _mm512_set1_epi32(int(kPhiloxA)), B = _mm512_set1_epi32(int(kPhiloxB));
   __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(16 * t)),
                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
                                                   14, 15));
   __m512i c1 = _mm512_set1_epi32(int(row)), c2 = _mm512_set1_epi32(int(head)),
           c3 = _mm512_set1_epi32(int(seq));
-  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    __m512i hi0, lo0, hi1, lo1;
-    mulhilo(c0, A, hi0, lo0);
-    mulhilo(c2, B, hi1, lo1);
-    c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(int(k0)));
-    c1 = lo1;
-    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(int(k1)));
-    c3 = lo0;
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-  }
+  philox::rounds10(c0, c1, c2, c3, seed);
   const __m512i thr = _mm512_set1_epi32(int(threshold));
   const __m512 sc = _mm512_set1_ps(scale);
   const __m512i words[4] = {c0, c1, c2, c3};
@@ -300,16 +278,8 @@ inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head,
   }
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-SMARTER_FAST_ALWAYS_INLINE void mulhilo(__m256i x, __m256i a, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(x, a);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), a);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
 inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head, uint32_t seq,
                          uint32_t threshold, float scale, float* mult) {
-  const __m256i A = _mm256_set1_epi32(int(kPhiloxA)), B = _mm256_set1_epi32(int(kPhiloxB));
   // thr - 1 >= -1 and (x >> 8) < 2^24: a signed compare is exact
   const __m256i thr_m1 = _mm256_set1_epi32(int(threshold) - 1);
   const __m256 sc = _mm256_set1_ps(scale);
@@ -318,18 +288,7 @@ inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head,
                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256i c1 = _mm256_set1_epi32(int(row)), c2 = _mm256_set1_epi32(int(head)),
             c3 = _mm256_set1_epi32(int(seq));
-    uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
-      __m256i hi0, lo0, hi1, lo1;
-      mulhilo(c0, A, hi0, lo0);
-      mulhilo(c2, B, hi1, lo1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(int(k0)));
-      c1 = lo1;
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
-      c3 = lo0;
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
+    philox::rounds10(c0, c1, c2, c3, seed);
     const __m256i words[4] = {c0, c1, c2, c3};
     for (int w = 0; w < 4; ++w) {
       const __m256i keep = _mm256_cmpgt_epi32(_mm256_srli_epi32(words[w], 8), thr_m1);
@@ -344,14 +303,14 @@ inline void philox_chunk(uint64_t seed, uint32_t t, uint32_t row, uint32_t head,
     uint32_t c[4] = {16 * t + l, row, head, seq};
     uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
     for (int r = 0; r < 10; ++r) {
-      const uint64_t p0 = uint64_t(kPhiloxA) * c[0];
-      const uint64_t p1 = uint64_t(kPhiloxB) * c[2];
+      const uint64_t p0 = uint64_t(philox::kA) * c[0];
+      const uint64_t p1 = uint64_t(philox::kB) * c[2];
       c[0] = uint32_t(p1 >> 32) ^ c[1] ^ k0;
       c[1] = uint32_t(p1);
       c[2] = uint32_t(p0 >> 32) ^ c[3] ^ k1;
       c[3] = uint32_t(p0);
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
+      k0 += philox::kKeyA;
+      k1 += philox::kKeyB;
     }
     for (int w = 0; w < 4; ++w) mult[16 * w + l] = (c[w] >> 8) >= threshold ? scale : 0.0f;
   }

@@ -18,6 +18,7 @@
 
 #include "kernel_table.h"
 #include "philox.h"
+#include "philox_simd.h"
 
 namespace smarter_fast::cpu {
 namespace CPU_CAPABILITY {
@@ -46,39 +47,40 @@ inline void store_row(void* base, bool bf16, int64_t offset, int64_t n, const fl
 }
 
 // Philox4x32-10 for the 16 counters ctr0 .. ctr0 + 15 at once (out[w][lane] = word w), the same
-// values as Philox4x32::generate, written lane-parallel so the compiler vectorises the rounds.
+// values as Philox4x32::generate. ctr0 is a multiple of 16, so the low words never carry.
 constexpr int kLanes = 16;
 
 inline void philox_x16(uint64_t seed, uint64_t ctr0, uint32_t out[4][kLanes]) {
-  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(ctr0))),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                  14, 15));
+  __m512i c1 = _mm512_set1_epi32(int(uint32_t(ctr0 >> 32)));
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  philox::rounds10(c0, c1, c2, c3, seed);
+  _mm512_storeu_si512(out[0], c0);
+  _mm512_storeu_si512(out[1], c1);
+  _mm512_storeu_si512(out[2], c2);
+  _mm512_storeu_si512(out[3], c3);
+#elif defined(CPU_CAPABILITY_AVX2)
+  for (int half = 0; half < 2; ++half) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(ctr0) + 8u * half)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c1 = _mm256_set1_epi32(int(uint32_t(ctr0 >> 32)));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    philox::rounds10(c0, c1, c2, c3, seed);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[0] + 8 * half), c0);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[1] + 8 * half), c1);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[2] + 8 * half), c2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[3] + 8 * half), c3);
+  }
+#else
   for (int l = 0; l < kLanes; ++l) {
-    const uint64_t c = ctr0 + uint64_t(l);
-    c0[l] = uint32_t(c);
-    c1[l] = uint32_t(c >> 32);
-    c2[l] = 0u;
-    c3[l] = 0u;
+    uint32_t words[4];
+    Philox4x32::generate(seed, ctr0 + uint64_t(l), words);
+    for (int w = 0; w < 4; ++w) out[w][l] = words[w];
   }
-  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int l = 0; l < kLanes; ++l) {
-      const uint64_t p0 = uint64_t(0xD2511F53u) * c0[l];
-      const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2[l];
-      const uint32_t n0 = uint32_t(p1 >> 32) ^ c1[l] ^ k0;
-      const uint32_t n2 = uint32_t(p0 >> 32) ^ c3[l] ^ k1;
-      c1[l] = uint32_t(p1);
-      c3[l] = uint32_t(p0);
-      c0[l] = n0;
-      c2[l] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    out[0][l] = c0[l];
-    out[1][l] = c1[l];
-    out[2][l] = c2[l];
-    out[3][l] = c3[l];
-  }
+#endif
 }
 
 // mult[i] = keep(e0 + i) ? scale : 0 for i in [0, n). Elements come in blocks of 128 sharing

@@ -102,6 +102,45 @@ def test_mask_statistics_and_determinism(skip_unless_cpp):
     torch.testing.assert_close(s[0], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1, 127, 128, 1000, 4099])
+def test_cpp_mask_is_the_philox_reference(n, skip_unless_cpp):
+    """The kernels' generator (whatever vector width) gives ref.dropout_multipliers' stream,
+    for seeds using both key words, from the start and from an odd offset inside a row."""
+    skip_unless_cpp("dropout_add_layer_norm")
+    for seed, p in ((12345678901234, 0.1), (2**62 - 1, 0.5), (3, 0.9)):
+        assert torch.equal(ln_cpp.dropout_mask(n, p, seed), ln_ref.dropout_multipliers(n, p, seed))
+    shape = (3, 173)  # rows start mid-block: the op's mask is the flat stream's
+    h = torch.randn(shape)
+    s = torch.ops.smarter_fast.dropout_add_layer_norm(torch.zeros(shape), h, torch.ones(173),
+                                                      torch.zeros(173), 1e-12, 0.3, 2**40 + 5)
+    want = ln_ref.dropout_add_layer_norm(torch.zeros(shape), h, torch.ones(173), torch.zeros(173),
+                                         1e-12, mult=ln_ref.dropout_multipliers(519, 0.3, 2**40 + 5).view(shape))
+    torch.testing.assert_close(s[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpp_mask_same_in_every_cpu_variant(skip_unless_cpp):
+    """DEFAULT (scalar) and AVX2 generators, which this CPU would not pick, give the same mask."""
+    skip_unless_cpp("dropout_add_layer_norm")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = ("import torch\n"
+              "from smarter_fast import ops\n"
+              "from smarter_fast.ops.layernorm import cpp, ref\n"
+              "for n, seed, p in ((1000, 12345678901234, 0.1), (4099, 2**62 - 1, 0.5)):\n"
+              "    assert torch.equal(cpp.dropout_mask(n, p, seed), ref.dropout_multipliers(n, p, seed)), n\n"
+              "print(torch.ops.smarter_fast.kernel_variant())\n")
+    root = Path(__file__).resolve().parents[2]
+    for cap in ("default", "avx2"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap,
+                   PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert cap.upper() in r.stdout.upper(), r.stdout
+
+
 def test_dispatch_seeds_follow_manual_seed(skip_unless_cpp):
     skip_unless_cpp("dropout_add_layer_norm")
     x, h, w, b = _inputs((4, 5, 32))
