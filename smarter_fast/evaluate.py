@@ -151,12 +151,35 @@ def _check_layout(model, data: EncodedTask) -> None:
 
 
 # ---- inference -----------------------------------------------------------------------------------
+class Ensemble:
+    """Models evaluated as one: their raw outputs (SST and Quora logits, STS scores) averaged.
+    Accepted wherever the functions below take a model; the members must share the pair input
+    layout (pair_features, pair_order), since they read the same encoded batches."""
+
+    def __init__(self, models):
+        self.models = list(models)
+        if not self.models:
+            raise ValueError("an Ensemble needs at least one model")
+        layouts = {(getattr(m, "pair_features", "cross"), getattr(m, "pair_order", "given"))
+                   for m in self.models}
+        if len(layouts) > 1:
+            raise ValueError(f"ensemble members differ in (pair_features, pair_order): {sorted(layouts)}")
+        (self.pair_features, self.pair_order), = layouts
+
+
 def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
                   autocast_dtype=None, orders: bool = False):
     """Raw model outputs for every example, in example order: (N, 5) SST logits, (N,) Quora
     logits, (N,) STS scores. Batches are cut from the examples sorted by length.
     For a model with pair_order "symmetric", pair outputs are the mean over both orders;
-    orders=True returns (outputs, outputs of the given order alone) instead."""
+    orders=True returns (outputs, outputs of the given order alone) instead. An Ensemble gives
+    the mean over its members."""
+    if isinstance(model, Ensemble):
+        outs = [model_outputs(m, data, batch_size, device, autocast_dtype, orders=True)
+                for m in model.models]
+        mean = np.mean([o[0] for o in outs], axis=0).astype(np.float32)
+        given = np.mean([o[1] for o in outs], axis=0).astype(np.float32)
+        return (mean, given) if orders else mean
     _check_layout(model, data)
     if _symmetric(model) and data.task != "sst":
         given = _outputs(model, data, batch_size, device, autocast_dtype, swap=False)
@@ -317,10 +340,14 @@ def write_evaluation(model, tokenizer, data_dir, out_dir, batch_size: int = 64, 
 # ---- command line --------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m smarter_fast.evaluate", description=(
-        "Evaluate a MultitaskBert checkpoint on CS224N dev sets and write leaderboard predictions."))
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/checkpoints/best)")
+        "Evaluate a MultitaskBert checkpoint (or several, as one ensemble) on CS224N dev sets and "
+        "write leaderboard predictions."))
+    p.add_argument("--checkpoint", required=True, nargs="+", metavar="DIR",
+                   help="checkpoint directory (e.g. RUN/checkpoints/best); several: an ensemble whose "
+                        "raw outputs are averaged (they must share pair_features and pair_order)")
     p.add_argument("--data-dir", required=True, help="CS224N data directory")
-    p.add_argument("--out", default=None, help="output directory (default: the checkpoint directory)")
+    p.add_argument("--out", default=None, help="output directory (default: the checkpoint directory; "
+                                               "required for several)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=None,
                    help="truncation length (default: the training run's, from trainer_state.json, else 128)")
@@ -332,10 +359,14 @@ def main(argv=None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     from .model import MultitaskBert
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
-        print(f"error: checkpoint directory {ckpt} not found", file=sys.stderr)
-        return 2
+    ckpts = [Path(c) for c in args.checkpoint]
+    for ckpt in ckpts:
+        if not ckpt.is_dir():
+            print(f"error: checkpoint directory {ckpt} not found", file=sys.stderr)
+            return 2
+    if len(ckpts) > 1 and not args.out:
+        p.error("--out is required with several checkpoints")
+    ckpt = ckpts[0]
     out = Path(args.out) if args.out else ckpt
     if args.max_length is None:
         args.max_length = 128
@@ -347,7 +378,8 @@ def main(argv=None) -> int:
                 pass
     try:
         tokenizer = load_tokenizer(ckpt, max_length=args.max_length)
-        model = MultitaskBert.from_pretrained(ckpt, backend=args.backend)
+        models = [MultitaskBert.from_pretrained(c, backend=args.backend) for c in ckpts]
+        model = models[0] if len(models) == 1 else Ensemble(models)
         t0 = time.time()
         metrics = write_evaluation(model, tokenizer, args.data_dir, out, args.batch_size)
     except (DataError, FileNotFoundError, ValueError) as e:

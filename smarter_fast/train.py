@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alternate batches among tasks instead of task after task")
     t.add_argument("--dropout", type=_float("--dropout", 0.0, 1.0, high_open=True), default=0.0,
                    help="dropout before the task heads")
+    t.add_argument("--ensemble", type=_positive_int("--ensemble"), default=1, metavar="K",
+                   help="train K models one after another (seeds SEED, SEED+1, ...; each with 1/K of "
+                        "--time-budget) in OUT/member1..K, then evaluate them as one: their dev and "
+                        "test outputs averaged into OUT/dev_metrics.json and OUT/predictions")
     t.add_argument("--ema", type=_float("--ema", 0.0, 1.0, high_open=True), default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights with this decay per step "
                         "(e.g. 0.999; 0: off); dev evaluation, checkpoints/best and the predictions "
@@ -709,11 +713,63 @@ def run(args) -> int:
     return 0
 
 
+def run_ensemble(args) -> int:
+    """--ensemble K: the members, each a whole `run` of its own in OUT/memberI (seed + I - 1,
+    budget / K), then their best checkpoints evaluated together (evaluate.Ensemble: raw outputs
+    averaged) into OUT: dev_metrics.json, predictions/, plots/ and ensemble.json (the members'
+    own dev metrics beside the ensemble's)."""
+    from .data.tokenize import load_tokenizer
+    from .evaluate import Ensemble, write_evaluation
+    from .model import MultitaskBert
+    from .report import atomic_write_json, format_metrics
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--ensemble trains its members one after another; run it without torchrun")
+    k = args.ensemble
+    out_dir = Path(args.out) if args.out else Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    members = []
+    for i in range(k):
+        member = argparse.Namespace(**vars(args))
+        member.seed, member.out = args.seed + i, str(out_dir / f"member{i + 1}")
+        if args.time_budget is not None:
+            member.time_budget = args.time_budget / k
+        budget = f", {member.time_budget:g} min of training" if args.time_budget is not None else ""
+        print(f"== ensemble member {i + 1}/{k}: seed {member.seed}{budget}, in {member.out}", flush=True)
+        rc = run(member)
+        if rc:
+            return rc
+        members.append(Path(member.out))
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data_dir, _, synthetic = resolve_data_dir(args.data_dir, out_dir)
+    models = [MultitaskBert.from_pretrained(m / "checkpoints" / "best", backend=args.backend).to(device)
+              for m in members]
+    autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    tag = " [SYNTHETIC]" if synthetic else ""
+    final = write_evaluation(Ensemble(models), load_tokenizer(args.pretrained, max_length=args.max_length),
+                             data_dir, out_dir, args.eval_batch_size, device, autocast_dtype,
+                             title_suffix=f" (ensemble of {k}){tag}")
+    member_metrics = [json.loads((m / "dev_metrics.json").read_text()) for m in members]
+    keys = ("sst_acc", "quora_acc", "sts_pearson", "mean_score")
+    atomic_write_json(out_dir / "ensemble.json", {
+        "members": [{"dir": str(m), "seed": args.seed + i, **{key: mm[key] for key in keys}}
+                    for i, (m, mm) in enumerate(zip(members, member_metrics))],
+        **{key: final[key] for key in keys}})
+    for i, mm in enumerate(member_metrics):
+        print(f"member {i + 1}{tag}: {format_metrics(mm)}", flush=True)
+    print(f"ensemble of {k}{tag}: {format_metrics(final)}  sst_macro_f1 {final['sst_macro_f1']:.3f}",
+          flush=True)
+    print(f"outputs: {out_dir / 'dev_metrics.json'}, {out_dir / 'predictions'}, "
+          f"{out_dir / 'ensemble.json'}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from .state import Stopped
     try:
-        return run(args)
+        return run_ensemble(args) if args.ensemble > 1 else run(args)
     except Stopped as e:
         print(f"{e}", file=sys.stderr)
         return 128 + int(e.signum)

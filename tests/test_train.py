@@ -158,3 +158,51 @@ def test_recipe_is_printed_with_overrides_and_recorded(tiny, tmp_path, capsys):
     (r,) = rows(out)
     assert r["recipe"] == "minilm-cpu"
     assert r["recipe_settings"]["batch_size"] == 4 and r["recipe_settings"]["schedule"] == "sqrt"
+
+
+def test_ensemble_trains_members_then_averages_their_outputs(tiny, tmp_path, capsys):
+    """--ensemble 2: two members (seeds 5 and 6, half the budget each) in OUT/member1..2, then
+    OUT/dev_metrics.json and predictions from their averaged outputs, which equal
+    evaluate.Ensemble's on the members' best checkpoints and differ from either member's."""
+    import numpy as np
+
+    from smarter_fast.data.cs224n import load_cs224n
+    from smarter_fast.data.tokenize import load_tokenizer
+    from smarter_fast.evaluate import Ensemble, encode_for, model_outputs
+    from smarter_fast.model import MultitaskBert
+
+    out = tmp_path / "ens"
+    assert run(tiny, out, "--ensemble", "2", "--seed", "5", "--epochs", "1",
+               "--pair-order", "symmetric") == 0
+    stdout = capsys.readouterr().out
+    assert "== ensemble member 1/2: seed 5" in stdout and "== ensemble member 2/2: seed 6" in stdout
+    assert "ensemble of 2" in stdout
+    members = [MultitaskBert.from_pretrained(out / f"member{i}" / "checkpoints" / "best") for i in (1, 2)]
+    summary = json.loads((out / "ensemble.json").read_text())
+    assert [m["seed"] for m in summary["members"]] == [5, 6]
+    metrics = json.loads((out / "dev_metrics.json").read_text())
+    assert summary["mean_score"] == metrics["mean_score"]
+    assert (out / "predictions" / "sst-dev-output.csv").is_file()
+    assert (out / "predictions" / "sts-test-output.csv").is_file()
+    dev = encode_for(members[0], load_cs224n(tiny[1], "dev"), load_tokenizer(str(tiny[0]), max_length=64))
+    for task in ("sst", "quora", "sts"):
+        each = [model_outputs(m, dev[task]) for m in members]
+        assert not np.allclose(each[0], each[1])  # the seeds made different members
+        np.testing.assert_allclose(model_outputs(Ensemble(members), dev[task]),
+                                   (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        Ensemble([members[0], MultitaskBert.from_pretrained(tiny[0], pair_order="given")])
+    # python -m smarter_fast.evaluate with both checkpoints: the same ensemble, the same metrics
+    from smarter_fast.evaluate import main as evaluate_main
+    assert evaluate_main(["--checkpoint", *(str(out / f"member{i}" / "checkpoints" / "best") for i in (1, 2)),
+                          "--data-dir", str(tiny[1]), "--out", str(tmp_path / "ev"), "--num-threads", "1"]) == 0
+    again = json.loads((tmp_path / "ev" / "dev_metrics.json").read_text())
+    assert again["mean_score"] == pytest.approx(metrics["mean_score"], abs=1e-6)
+
+
+def test_ensemble_splits_the_time_budget(tiny, tmp_path, capsys):
+    out = tmp_path / "ens-budget"
+    assert run(tiny, out, "--ensemble", "2", "--time-budget", "2e-05") == 0
+    stdout = capsys.readouterr().out
+    assert stdout.count("time budget of 1e-05 min spent") == 2
+    assert all(rows(out / f"member{i}")[0]["budget_exhausted"] for i in (1, 2))
