@@ -485,6 +485,11 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
     return stats, global_step
 
 
+def run_dir(args) -> Path:
+    """--out, else runs/<date-time>/."""
+    return Path(args.out) if args.out else Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def run(args) -> int:
     from .data.tokenize import load_tokenizer
     from .evaluate import encode_split, evaluate_dev, write_evaluation
@@ -500,7 +505,7 @@ def run(args) -> int:
     main_rank = dist.is_main()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    out_dir = Path(args.out) if args.out else Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = run_dir(args)
     out_dir = Path(dist.broadcast_object(str(out_dir)))
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
@@ -726,7 +731,7 @@ def run_ensemble(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--ensemble trains its members one after another; run it without torchrun")
     k = args.ensemble
-    out_dir = Path(args.out) if args.out else Path("runs") / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = run_dir(args)
     members = []
     for i in range(k):
         member = argparse.Namespace(**vars(args))
