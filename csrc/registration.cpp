@@ -77,7 +77,8 @@ at::Tensor smart_noise_cpu(const at::Tensor& x, double sigma, int64_t seed) {
 // ---- adamw_step_: one fused pass over flat fp32 buffers ----------------------------------
 void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                     at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps,
-                    double weight_decay, int64_t step, bool correct_bias) {
+                    double weight_decay, int64_t step, bool correct_bias,
+                    const std::optional<at::Tensor>& copy, int64_t copy_offset) {
   const char* op = "adamw_step_";
   check_cpu_float(param, op, "param");
   check_cpu_float(grad, op, "grad");
@@ -103,8 +104,23 @@ void adamw_step_cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_a
   const float* g = gc.const_data_ptr<float>();
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
+  // copy (bf16, contiguous): copy[j] = bf16(updated param[copy_offset + j]), in the same pass.
+  uint16_t* c = nullptr;
+  int64_t lo = 0, hi = 0;
+  if (copy.has_value()) {
+    const at::Tensor& ct = *copy;
+    TORCH_CHECK(ct.device().is_cpu(), op, ": copy must be a CPU tensor, got ", ct.device());
+    TORCH_CHECK(ct.scalar_type() == at::kBFloat16, op, ": copy must be bfloat16, got ",
+                ct.scalar_type());
+    check_contiguous(ct, op, "copy");
+    lo = copy_offset;
+    hi = copy_offset + ct.numel();
+    TORCH_CHECK(lo >= 0 && hi <= param.numel(), op, ": copy of ", ct.numel(),
+                " elements at offset ", copy_offset, " exceeds param's ", param.numel());
+    c = reinterpret_cast<uint16_t*>(ct.data_ptr<at::BFloat16>());
+  }
   at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    K().adamw_f32(p, g, m, v, begin, end, hp);
+    K().adamw_f32(p, g, m, v, begin, end, hp, c, lo, hi);
   });
 }
 
@@ -548,7 +564,7 @@ TORCH_LIBRARY(smarter_fast, m) {
   m.def(
       "adamw_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, int step, "
-      "bool correct_bias) -> ()");
+      "bool correct_bias, Tensor(d!)? copy=None, int copy_offset=0) -> ()");
   // Attention (smarter_fast/ops/attention/cpp.py): out and the log-sum-exp per query (fp32);
   // padded rows of out are zero. The mask may be any (B, L) pattern, nonzero = real token.
   // dropout_p > 0: inverted dropout on the probabilities, the mask regenerated from `seed` (the

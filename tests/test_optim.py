@@ -298,6 +298,57 @@ def test_replaced_param_data_is_adopted(backend):
         assert opt.flat_buffers()[0].params == (params[0],)
 
 
+# ---- low-precision copies ---------------------------------------------------------------------
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int16)
+
+
+def test_low_precision_copies_follow_every_step(backend):
+    """low_precision_copy(p) equals p.to(bfloat16) bit for bit after every step: requested
+    before the first step and later (the copy buffer grows), for params that get no gradient
+    in a step, after in-place changes and replaced data; the steps themselves are unchanged
+    (checked against the reference)."""
+    gen = torch.Generator().manual_seed(11)
+    params = make_params(gen)
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1, backend=backend)
+    hp = hp_of(1e-2, weight_decay=0.1)
+    wanted = [params[2], params[4]]
+    for p in wanted:
+        assert _bits(opt.low_precision_copy(p)).equal(_bits(p.bfloat16()))
+    patterns = [[True] * 6, [True, False, True, True, False, True], [False, True, True, False, True, True],
+                [True] * 6, [True] * 6]
+    for k, pattern in enumerate(patterns):
+        grads = [rand(*p.shape, gen=gen) if on else None for p, on in zip(params, pattern)]
+        checked_step(opt, params, grads, hp)
+        if k == 1:
+            wanted.append(params[0])  # before the others: the buffer grows downwards
+        if k == 2:
+            with torch.no_grad():
+                params[2].mul_(1.5)  # changed outside step(): a new version
+            params[4].data = rand(*params[4].shape, gen=gen)  # replaced data
+        for p in wanted:
+            copy = opt.low_precision_copy(p)
+            assert copy.shape == p.shape and copy.dtype == torch.bfloat16
+            assert _bits(copy).equal(_bits(p.bfloat16())), f"step {k}"
+
+
+def test_low_precision_copy_version_and_unsupported(backend):
+    gen = torch.Generator().manual_seed(12)
+    params = make_params(gen, [(5, 3), (7,)])
+    loose = torch.nn.Parameter(rand(4, gen=gen).double())  # stepped on its own: no copy
+    opt = AdamW(params + [loose], lr=1e-2, backend=backend)
+    assert opt.low_precision_copy(loose) is None
+    assert opt.low_precision_copy(params[0], torch.float16) is None
+    assert opt.low_precision_copy(torch.nn.Parameter(torch.ones(3))) is None
+    assert opt.holds(params[1]) and opt.holds(loose) and not opt.holds(torch.ones(3))
+    copy = opt.low_precision_copy(params[0])
+    saved = copy._version
+    checked_step(opt, params, [rand(5, 3, gen=gen), rand(7, gen=gen)], hp_of(1e-2))
+    assert copy._version > saved  # a graph that saved the old copy fails in backward
+    assert _bits(copy).equal(_bits(params[0].bfloat16()))
+
+
 # ---- state dict -----------------------------------------------------------------------------
 
 def _mlp(gen):

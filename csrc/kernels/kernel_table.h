@@ -90,9 +90,14 @@ struct LnArgs {
 
 struct KernelTable {
   const char* name;
-  // CS224N minBERT AdamW over [begin, end) of flat fp32 buffers, in place on p, m, v.
+  // CS224N minBERT AdamW over [begin, end) of flat fp32 buffers, in place on p, m, v. With
+  // copy_bf16 (bf16 bits) also copy_bf16[i - copy_begin] = bf16(updated p[i]) for i in
+  // [copy_begin, copy_end) within [begin, end), rounded to nearest even as torch's casts: the
+  // low-precision weights of the next forward, written in the same pass instead of a second
+  // read of p. The update of p, m, v is bit for bit the same with or without the copy.
   void (*adamw_f32)(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end,
-                    const AdamWParams& hp);
+                    const AdamWParams& hp, uint16_t* copy_bf16, int64_t copy_begin,
+                    int64_t copy_end);
   // sum((a - b)^2) over [begin, end), accumulated in double.
   double (*sq_diff_sum_f32)(const float* a, const float* b, int64_t begin, int64_t end);
   // grad_a = scale * (a - b), grad_b = -grad_a over [begin, end); either output may be null.

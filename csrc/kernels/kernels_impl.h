@@ -25,8 +25,8 @@ using Vec = at::vec::Vectorized<float>;
 // ---- AdamW (CS224N minBERT semantics) ----------------------------------------------------
 // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= step_size * m / (sqrt(v) + eps);
 // then decoupled decay on the updated p: p -= lr * wd * p.  7 floats of traffic per element.
-inline void adamw_f32(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end,
-                      const AdamWParams& hp) {
+inline void adamw_f32_range(float* p, const float* g, float* m, float* v, int64_t begin,
+                            int64_t end, const AdamWParams& hp) {
   const float decay = 1.0f - hp.lr * hp.weight_decay;
   const Vec b1(hp.beta1), b2(hp.beta2), c1(hp.one_minus_beta1), c2(hp.one_minus_beta2);
   const Vec eps(hp.eps), step(hp.step_size), vdecay(decay);
@@ -50,6 +50,27 @@ inline void adamw_f32(float* p, const float* g, float* m, float* v, int64_t begi
     m[i] = mi;
     v[i] = vi;
     p[i] = pi;
+  }
+}
+
+// With a bf16 copy: blocks small enough that the updated p is still in L1 when converted
+// (at::vec::convert: the same rounding as torch's fp32 -> bf16 copy_). 2 more bytes per element.
+// The blocks are whole vectors from `begin`, so the vector loop and its scalar tail cover the
+// same elements as one call over [begin, end) (the tail's rounding may differ from a vector's).
+inline void adamw_f32(float* p, const float* g, float* m, float* v, int64_t begin, int64_t end,
+                      const AdamWParams& hp, uint16_t* copy_bf16, int64_t copy_begin,
+                      int64_t copy_end) {
+  if (copy_bf16 == nullptr || end <= copy_begin || begin >= copy_end) {
+    adamw_f32_range(p, g, m, v, begin, end, hp);
+    return;
+  }
+  auto* copy = reinterpret_cast<c10::BFloat16*>(copy_bf16);
+  constexpr int64_t kBlock = 1024;  // a multiple of every Vec::size()
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = std::min(end, b + kBlock);
+    adamw_f32_range(p, g, m, v, b, e, hp);
+    const int64_t cb = std::max(b, copy_begin), ce = std::min(e, copy_end);
+    if (cb < ce) at::vec::convert(p + cb, copy + (cb - copy_begin), ce - cb);
   }
 }
 

@@ -60,8 +60,20 @@ static void test_adamw(const KernelTable& k, std::mt19937& rng) {
     AdamWParams hp{float(lr),     float(b1), float(b2),        float(1 - b1),
                    float(1 - b2), float(eps), float(wd), float(ss)};
     // Two ranges: the split point must not matter.
-    k.adamw_f32(p.data(), g.data(), m.data(), v.data(), 0, n / 2, hp);
-    k.adamw_f32(p.data(), g.data(), m.data(), v.data(), n / 2, n, hp);
+    // The second range also writes a bf16 copy of p[c0, n) (c0 inside the range): it must
+    // hold bf16(p) there and leave the rest of the copy buffer alone.
+    const int64_t c0 = n / 2 + (n - n / 2) / 3;
+    std::vector<uint16_t> copy(n, 0);
+    k.adamw_f32(p.data(), g.data(), m.data(), v.data(), 0, n / 2, hp, nullptr, 0, 0);
+    k.adamw_f32(p.data(), g.data(), m.data(), v.data(), n / 2, n, hp, copy.data(), c0, n);
+    for (int64_t i = c0; i < n; ++i) {
+      const uint16_t want = c10::BFloat16(p[i]).x;
+      EXPECT(copy[i - c0] == want, "%s adamw n=%ld copy of p[%ld] = %#x, bf16(p) = %#x",
+             k.name, long(n), long(i), unsigned(copy[i - c0]), unsigned(want));
+    }
+    for (int64_t j = n - c0; j < n; ++j)
+      EXPECT(copy[j] == 0, "%s adamw n=%ld copy[%ld] written beyond its range", k.name, long(n),
+             long(j));
     // Error relative to each buffer's largest magnitude: element-wise relative error is
     // meaningless where m = b1 m + (1 - b1) g cancels to nearly zero.
     auto normwise = [n](const std::vector<float>& got, const std::vector<double>& want) {

@@ -139,7 +139,7 @@ class BertEmbeddings(nn.Module):
         self._word_grad_fresh = (getattr(self, "_word_grad_fresh", False) and buf is not None
                                  and self.word.weight.grad is buf)
 
-    def _adopt_stepped_grad(self) -> None:
+    def _adopt_stepped_grad(self, optimizer=None) -> None:
         """After an optimizer step: if the optimizer moved our buffer's values into a gradient
         of its own (smarter_fast.optim.AdamW copies stray grads into its flat grad buffer and
         re-points weight.grad at its view), that tensor holds nonzero values on our rows only,
@@ -178,7 +178,7 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     for module in list(_WATCHED):
-        module._adopt_stepped_grad()
+        module._adopt_stepped_grad(optimizer)
 
 
 # ---- Linear layers whose weight gradients go straight into the optimizer's memory ------------
@@ -196,7 +196,9 @@ FUSED_LINEAR_GRADS = True
 # Under autocast, linear() keeps each weight's low-precision copy and the low-precision weight
 # gradient in buffers of its own instead of fresh tensors every step: on this CPU fresh
 # megabyte-sized tensors cost page faults, and the casts ran up to 8x slower than into a kept
-# buffer (bf16 training steps 5-10% faster). Costs one bf16 copy of every Linear weight.
+# buffer (bf16 training steps 5-10% faster). Costs one bf16 copy of every Linear weight. Under
+# smarter_fast.optim.AdamW the copy is the optimizer's low_precision_copy, which its fused step
+# rewrites: no cast pass at all (another 4-5%).
 KEEP_CAST_BUFFERS = True
 
 
@@ -236,6 +238,7 @@ class _LinearGrads:
         self.module = weakref.ref(module)
         self.weight, self.bias = _GradSink(), _GradSink()
         self._cast = self._cast_key = self._scratch = None
+        self._own = None  # our cast buffer, while _cast is the optimizer's copy
         _watch_optimizer_steps(self)
 
     def cast_weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -244,14 +247,21 @@ class _LinearGrads:
         version); a second forward between two steps, as SMART's, reuses it. Like autocast's own
         weight cache it assumes nothing else rewrites weights behind autograd's back (through
         `.data`) between two steps. A refresh while an earlier graph still holds the buffer makes
-        that graph's backward fail with autograd's in-place error, never use the new values."""
+        that graph's backward fail with autograd's in-place error, never use the new values.
+
+        After a step of smarter_fast.optim.AdamW the buffer is the optimizer's low-precision copy
+        (see _adopt_stepped_grad), already cast. It is a view sharing one version counter with
+        every other layer's copy, so a refresh between two steps goes into our own buffer: an
+        in-place cast there would also bump the copies other layers saved for backward."""
         key = (w._version, w.data_ptr(), dtype)
         if self._cast_key != key:
             c = self._cast
+            if self._own is not None:  # leave the optimizer's copy
+                c, self._own = self._own, None
             if c is None or c.shape != w.shape or c.dtype != dtype or c.device != w.device:
-                c = self._cast = torch.empty(w.shape, dtype=dtype, device=w.device)
+                c = torch.empty(w.shape, dtype=dtype, device=w.device)
             c.copy_(w)
-            self._cast_key = key
+            self._cast, self._cast_key = c, key
         return self._cast
 
     def scratch(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -266,11 +276,12 @@ class _LinearGrads:
         for p, sink in (((m.weight, self.weight), (m.bias, self.bias)) if m is not None else ()):
             sink.fresh = sink.fresh and p is not None and p.grad is sink.buf
 
-    def _adopt_stepped_grad(self) -> None:
-        self._cast_key = None  # the step changed the weights (without bumping their versions)
+    def _adopt_stepped_grad(self, optimizer=None) -> None:
         m = self.module()
         if m is None:
+            self._cast_key = None
             return
+        self._adopt_cast(m.weight, optimizer)
         for p, sink in ((m.weight, self.weight), (m.bias, self.bias)):
             if p is None:
                 continue
@@ -280,6 +291,26 @@ class _LinearGrads:
                     and g.is_contiguous()):
                 sink.buf = g
             sink.fresh = False
+
+
+    def _adopt_cast(self, w: torch.Tensor, optimizer) -> None:
+        """After optimizer.step(): is our cast of w still w.to(dtype)? Steps change weights
+        without bumping their versions, so after a step of an optimizer that holds w the cast
+        is stale; smarter_fast.optim.AdamW instead hands out its copy, which the step rewrote
+        in the same pass as the update (AdamW.low_precision_copy): nothing to cast then."""
+        c = self._cast
+        if not hasattr(optimizer, "low_precision_copy"):  # a torch optimizer: cast again
+            self._cast_key = None
+        elif not optimizer.holds(w):
+            pass  # this step did not touch w
+        else:
+            copy = optimizer.low_precision_copy(w, c.dtype) if c is not None else None
+            if copy is None:
+                self._cast_key = None
+            else:
+                if self._own is None:
+                    self._own = c
+                self._cast, self._cast_key = copy, (w._version, w.data_ptr(), c.dtype)
 
 
 def _bias_grad(g2: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -178,14 +178,18 @@ def test_word_grad_not_adopted_when_grad_replaced_before_step():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_kept_cast_buffers_give_the_same_bf16_steps(monkeypatch):
-    """Under bf16 autocast, linear() with kept cast buffers (bert.KEEP_CAST_BUFFERS) trains
-    bit for bit like fresh casts: two forwards per step (as SMART's), AdamW steps between."""
+@pytest.mark.parametrize("backend", ["ref", "cpp"])
+def test_kept_cast_buffers_give_the_same_bf16_steps(monkeypatch, backend, skip_unless_cpp):
+    """Under bf16 autocast, linear() with kept cast buffers (bert.KEEP_CAST_BUFFERS: after the
+    first step the optimizer's low-precision copies, rewritten by its steps) trains bit for bit
+    like fresh casts: two forwards per step (as SMART's), AdamW steps between."""
     import smarter_fast.model.bert as bert_mod
     from smarter_fast.optim import AdamW
 
+    if backend == "cpp":
+        skip_unless_cpp("adamw")
     models = [_tiny_bert(seed=3), _tiny_bert(seed=3)]
-    opts = [AdamW(m.parameters(), lr=1e-2, backend="ref") for m in models]
+    opts = [AdamW(m.parameters(), lr=1e-2, backend=backend) for m in models]
     ids = torch.randint(1, 40, (4, 3, 7))
     for step in range(4):
         for model, opt, keep in zip(models, opts, (True, False)):
@@ -198,6 +202,32 @@ def test_kept_cast_buffers_give_the_same_bf16_steps(monkeypatch):
             opt.zero_grad()
     for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+    # the kept buffers were the optimizer's copies (not a cast of their own)
+    for layer in models[0].layers:
+        w = layer.ffn_in.weight
+        kept = bert_mod._SINKS[layer.ffn_in]._cast
+        assert kept.data_ptr() == opts[0].low_precision_copy(w).data_ptr()
+        assert torch.equal(kept, w.bfloat16())
+
+
+def test_optimizer_step_between_forward_and_backward_fails_loudly():
+    """The forward saved the optimizer's bf16 copy of a weight; a step rewrites it: the
+    backward raises autograd's in-place error rather than using the new values."""
+    from smarter_fast.optim import AdamW
+
+    model = _tiny_bert(seed=5)
+    opt = AdamW(model.parameters(), lr=1e-2, backend="ref")
+    ids = torch.randint(1, 40, (2, 5))
+    for _ in range(2):  # the first step hands the copies to the layers
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids)["pooler_output"].float().sum()
+        loss.backward()
+        opt.step()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids)["pooler_output"].float().sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 def test_kept_cast_buffer_refreshed_under_a_pending_graph_fails_loudly():

@@ -66,3 +66,41 @@ def test_opcheck_adamw(skip_unless_cpp):
     args = (torch.randn(37), torch.randn(37), torch.zeros(37), torch.zeros(37),
             1e-3, 0.9, 0.999, 1e-6, 0.01, 1, True)
     torch.library.opcheck(torch.ops.smarter_fast.adamw_step_.default, args)
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpp"])
+@pytest.mark.parametrize("n,offset,count", [(1, 0, 1), (1031, 17, 1000), (300_007, 65_537, 131_071),
+                                            (300_007, 0, 300_007)])
+def test_adamw_step_writes_the_bf16_copy(backend, n, offset, count, skip_unless_cpp):
+    """copy = bf16(updated param[offset:offset + count]) bit for bit as torch casts; the update
+    itself is the same as without a copy; elements outside the copy's range are not touched."""
+    if backend == "cpp":
+        skip_unless_cpp("adamw")
+    torch.manual_seed(n + offset)
+    p, g = torch.randn(n), torch.randn(n) * 0.1
+    m, v = torch.randn(n) * 0.01, torch.rand(n) * 1e-3 + 1e-8
+    plain = [t.clone() for t in (p, g, m, v)]
+    copy = torch.full((count,), 7.0, dtype=torch.bfloat16)
+    hp = dict(lr=1e-3, weight_decay=0.01, step=4, backend=backend)
+    ops.adamw_step_(p, g, m, v, copy=copy, copy_offset=offset, **hp)
+    ops.adamw_step_(*plain, **hp)
+    for got, want in zip((p, m, v), (plain[0], plain[2], plain[3])):
+        assert torch.equal(got, want)
+    assert torch.equal(copy.view(torch.int16), p[offset:offset + count].bfloat16().view(torch.int16))
+
+
+def test_adamw_step_copy_errors():
+    p = torch.randn(10)
+    args = (p, torch.randn(10), torch.zeros(10), torch.zeros(10))
+    with pytest.raises(ValueError, match="does not fit"):
+        ops.adamw_step_(*args, lr=1e-3, step=1, copy=torch.zeros(4, dtype=torch.bfloat16),
+                        copy_offset=7)
+    with pytest.raises(ValueError, match="contiguous bfloat16"):
+        ops.adamw_step_(*args, lr=1e-3, step=1, copy=torch.zeros(4), copy_offset=0)
+
+
+def test_opcheck_adamw_with_copy(skip_unless_cpp):
+    skip_unless_cpp("adamw")
+    args = (torch.randn(37), torch.randn(37), torch.zeros(37), torch.zeros(37),
+            1e-3, 0.9, 0.999, 1e-6, 0.01, 1, True, torch.zeros(20, dtype=torch.bfloat16), 9)
+    torch.library.opcheck(torch.ops.smarter_fast.adamw_step_.default, args)

@@ -87,3 +87,14 @@ def test_opcheck_in_interpreter():
     torch.library.opcheck(torch.ops.smarter_fast_triton.adamw_step_tensor_.default,
                           (p, g, m, v, torch.ones(()), torch.tensor(1e-3), 0.0, 0.9, 0.999, 1e-6,
                            0.01, True), test_utils=utils)
+
+
+@pytest.mark.parametrize("n,offset,count", [(1031, 17, 1000), (5000, 0, 5000)])
+def test_adamw_writes_the_bf16_copy(n, offset, count):
+    """The triton backend's copy (cast after its kernel) is bf16 of its updated param."""
+    p, m, v = _state(n, n + 1)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    copy = torch.full((count,), 3.0, dtype=torch.bfloat16)
+    ops.adamw_step_(p, grad, m, v, lr=1e-3, step=2, copy=copy, copy_offset=offset,
+                    backend="triton")
+    assert torch.equal(copy.view(torch.int16), p[offset:offset + count].bfloat16().view(torch.int16))

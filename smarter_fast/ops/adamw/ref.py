@@ -14,11 +14,14 @@ def step_size(lr: float, beta1: float, beta2: float, step: int, correct_bias: bo
 
 @torch.no_grad()
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
-                correct_bias=True):
-    """In place: m, v updated; p -= step_size * m / (sqrt(v) + eps); then p -= lr * wd * p."""
+                correct_bias=True, copy=None, copy_offset=0):
+    """In place: m, v updated; p -= step_size * m / (sqrt(v) + eps); then p -= lr * wd * p;
+    then copy = p[copy_offset:].to(copy.dtype) (if given)."""
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().add_(eps)
     param.addcdiv_(exp_avg, denom, value=-step_size(lr, beta1, beta2, step, correct_bias))
     if weight_decay != 0.0:
         param.add_(param, alpha=-lr * weight_decay)
+    if copy is not None:
+        copy.copy_(param.reshape(-1)[copy_offset:copy_offset + copy.numel()])

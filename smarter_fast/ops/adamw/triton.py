@@ -143,16 +143,20 @@ if TRITON_ERROR is None:
 
 
 def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
-                correct_bias=True):
+                correct_bias=True, copy=None, copy_offset=0):
     """The registry's entry. `step` may be an int (step size computed on the host) or a device
-    tensor (see adamw_step_tensor_)."""
+    tensor (see adamw_step_tensor_). A bf16 `copy` is cast after the update, not in the kernel
+    (the fused copy is the CPU kernel's: there the extra read of param costs ~4% of a step)."""
+    from . import cast_into_copy
     if isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor):
-        return adamw_step_tensor_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps,
-                                  weight_decay, step, correct_bias)
-    ss = _host_step_size(float(lr), float(beta1), float(beta2), int(step), bool(correct_bias))
-    torch.ops.smarter_fast_triton.adamw_step_(param, grad, exp_avg, exp_avg_sq, float(ss),
-                                              float(beta1), float(beta2), float(eps),
-                                              -float(lr) * float(weight_decay))
+        adamw_step_tensor_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps,
+                           weight_decay, step, correct_bias)
+    else:
+        ss = _host_step_size(float(lr), float(beta1), float(beta2), int(step), bool(correct_bias))
+        torch.ops.smarter_fast_triton.adamw_step_(param, grad, exp_avg, exp_avg_sq, float(ss),
+                                                  float(beta1), float(beta2), float(eps),
+                                                  -float(lr) * float(weight_decay))
+    cast_into_copy(param, copy, copy_offset)
 
 
 def adamw_step_tensor_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
