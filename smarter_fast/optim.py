@@ -457,10 +457,6 @@ class AdamW(torch.optim.Optimizer):
             bucket.copy_marks[id(e)] = mark
         return view
 
-    def holds(self, p: torch.Tensor) -> bool:
-        """True if p is one of this optimizer's parameters (a step may change it)."""
-        return any(id(p) in layout.known for layout in self._layouts)
-
     def _find_entry(self, p):
         for layout in self._layouts:
             for bucket in layout.buckets:

@@ -341,7 +341,6 @@ def test_low_precision_copy_version_and_unsupported(backend):
     assert opt.low_precision_copy(loose) is None
     assert opt.low_precision_copy(params[0], torch.float16) is None
     assert opt.low_precision_copy(torch.nn.Parameter(torch.ones(3))) is None
-    assert opt.holds(params[1]) and opt.holds(loose) and not opt.holds(torch.ones(3))
     copy = opt.low_precision_copy(params[0])
     saved = copy._version
     checked_step(opt, params, [rand(5, 3, gen=gen), rand(7, gen=gen)], hp_of(1e-2))

@@ -139,7 +139,7 @@ class BertEmbeddings(nn.Module):
         self._word_grad_fresh = (getattr(self, "_word_grad_fresh", False) and buf is not None
                                  and self.word.weight.grad is buf)
 
-    def _adopt_stepped_grad(self, optimizer=None) -> None:
+    def _adopt_stepped_grad(self, optimizer=None, held=None) -> None:
         """After an optimizer step: if the optimizer moved our buffer's values into a gradient
         of its own (smarter_fast.optim.AdamW copies stray grads into its flat grad buffer and
         re-points weight.grad at its view), that tensor holds nonzero values on our rows only,
@@ -177,8 +177,9 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for module in list(_WATCHED):
-        module._adopt_stepped_grad(optimizer)
+        module._adopt_stepped_grad(optimizer, held)
 
 
 # ---- Linear layers whose weight gradients go straight into the optimizer's memory ------------
@@ -276,12 +277,12 @@ class _LinearGrads:
         for p, sink in (((m.weight, self.weight), (m.bias, self.bias)) if m is not None else ()):
             sink.fresh = sink.fresh and p is not None and p.grad is sink.buf
 
-    def _adopt_stepped_grad(self, optimizer=None) -> None:
+    def _adopt_stepped_grad(self, optimizer=None, held=None) -> None:
         m = self.module()
         if m is None:
             self._cast_key = None
             return
-        self._adopt_cast(m.weight, optimizer)
+        self._adopt_cast(m.weight, optimizer, held)
         for p, sink in ((m.weight, self.weight), (m.bias, self.bias)):
             if p is None:
                 continue
@@ -293,16 +294,16 @@ class _LinearGrads:
             sink.fresh = False
 
 
-    def _adopt_cast(self, w: torch.Tensor, optimizer) -> None:
-        """After optimizer.step(): is our cast of w still w.to(dtype)? Steps change weights
-        without bumping their versions, so after a step of an optimizer that holds w the cast
-        is stale; smarter_fast.optim.AdamW instead hands out its copy, which the step rewrote
-        in the same pass as the update (AdamW.low_precision_copy): nothing to cast then."""
+    def _adopt_cast(self, w: torch.Tensor, optimizer, held) -> None:
+        """After optimizer.step(): is our cast of w still w.to(dtype)? A step of an optimizer
+        that does not hold w (ids in `held`) left it alone. One that holds it may have changed
+        it without bumping its version: cast again, unless it is smarter_fast.optim.AdamW, which
+        hands out its copy, rewritten in the same pass as the update (low_precision_copy)."""
         c = self._cast
-        if not hasattr(optimizer, "low_precision_copy"):  # a torch optimizer: cast again
+        if held is not None and id(w) not in held:
+            pass  # e.g. another model's optimizer
+        elif not hasattr(optimizer, "low_precision_copy"):  # a torch optimizer: cast again
             self._cast_key = None
-        elif not optimizer.holds(w):
-            pass  # this step did not touch w
         else:
             copy = optimizer.low_precision_copy(w, c.dtype) if c is not None else None
             if copy is None:

@@ -178,20 +178,32 @@ def test_word_grad_not_adopted_when_grad_replaced_before_step():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpp"])
+@pytest.mark.parametrize("backend", ["ref", "cpp", "torch"])
 def test_kept_cast_buffers_give_the_same_bf16_steps(monkeypatch, backend, skip_unless_cpp):
     """Under bf16 autocast, linear() with kept cast buffers (bert.KEEP_CAST_BUFFERS: after the
-    first step the optimizer's low-precision copies, rewritten by its steps) trains bit for bit
-    like fresh casts: two forwards per step (as SMART's), AdamW steps between."""
+    first step our AdamW's low-precision copies, rewritten by its steps; a cast of our own
+    under a torch optimizer) trains bit for bit like fresh casts: two forwards per step (as
+    SMART's), optimizer steps between, and a third model's optimizer stepping in between
+    (which must not make anyone cast again)."""
     import smarter_fast.model.bert as bert_mod
     from smarter_fast.optim import AdamW
 
     if backend == "cpp":
         skip_unless_cpp("adamw")
+
+    def make_opt(params):
+        if backend == "torch":
+            return torch.optim.AdamW(params, lr=1e-2, foreach=False)
+        return AdamW(params, lr=1e-2, backend=backend)
+
     models = [_tiny_bert(seed=3), _tiny_bert(seed=3)]
-    opts = [AdamW(m.parameters(), lr=1e-2, backend=backend) for m in models]
+    opts = [make_opt(m.parameters()) for m in models]
+    other = torch.nn.Linear(3, 2)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
     ids = torch.randint(1, 40, (4, 3, 7))
     for step in range(4):
+        other(torch.randn(4, 3)).sum().backward()
+        other_opt.step()
         for model, opt, keep in zip(models, opts, (True, False)):
             monkeypatch.setattr(bert_mod, "KEEP_CAST_BUFFERS", keep)
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -202,12 +214,17 @@ def test_kept_cast_buffers_give_the_same_bf16_steps(monkeypatch, backend, skip_u
             opt.zero_grad()
     for (n, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
-    # the kept buffers were the optimizer's copies (not a cast of their own)
+    if backend == "torch":
+        return
+    # the kept buffers are our AdamW's copies (not a cast of their own), also after another
+    # optimizer's step
+    other_opt.step()
     for layer in models[0].layers:
         w = layer.ffn_in.weight
-        kept = bert_mod._SINKS[layer.ffn_in]._cast
-        assert kept.data_ptr() == opts[0].low_precision_copy(w).data_ptr()
-        assert torch.equal(kept, w.bfloat16())
+        sinks = bert_mod._SINKS[layer.ffn_in]
+        assert sinks._cast.data_ptr() == opts[0].low_precision_copy(w).data_ptr()
+        assert sinks._cast_key == (w._version, w.data_ptr(), torch.bfloat16)
+        assert torch.equal(sinks._cast, w.bfloat16())
 
 
 def test_optimizer_step_between_forward_and_backward_fails_loudly():
