@@ -293,7 +293,6 @@ class _LinearGrads:
                 sink.buf = g
             sink.fresh = False
 
-
     def _adopt_cast(self, w: torch.Tensor, optimizer, held) -> None:
         """After optimizer.step(): is our cast of w still w.to(dtype)? A step of an optimizer
         that does not hold w (ids in `held`) left it alone. One that holds it may have changed
