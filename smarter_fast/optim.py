@@ -37,7 +37,8 @@ the model to its device and dtype to keep the fused path.
 Low-precision copies (`low_precision_copy(p)`): a bf16 copy of a flat-buffered parameter that
 every step rewrites in the same fused pass as the update. bf16 training casts every Linear
 weight after each step; written here, the cast costs 2 bytes per element instead of a second
-pass reading 4 and writing 2 (about 4% of a MiniLM bf16 step on this project's CPU).
+pass reading 4 and writing 2 (that pass was 5.7% of a MiniLM bf16 step on this project's CPU;
+the net gain measured was smaller, about 2%: benchmarks/README.md).
 
 `state_dict()` saves like any torch optimizer: per parameter `step` (a float32 scalar tensor,
 as torch.optim.AdamW) and `exp_avg` / `exp_avg_sq` shaped like the parameter (copies, so the

@@ -199,7 +199,7 @@ FUSED_LINEAR_GRADS = True
 # megabyte-sized tensors cost page faults, and the casts ran up to 8x slower than into a kept
 # buffer (bf16 training steps 5-10% faster). Costs one bf16 copy of every Linear weight. Under
 # smarter_fast.optim.AdamW the copy is the optimizer's low_precision_copy, which its fused step
-# rewrites: no cast pass at all (another 4-5%).
+# rewrites: no cast pass at all (about 2% net: benchmarks/README.md).
 KEEP_CAST_BUFFERS = True
 
 
