@@ -42,11 +42,5 @@ def _check_copy(param, copy, copy_offset) -> None:
                          f"{copy_offset} does not fit in param's {param.numel()}")
 
 
-def cast_into_copy(param, copy, copy_offset) -> None:
-    """The unfused copy (backends without it in their kernel)."""
-    if copy is not None:
-        with torch.no_grad():
-            copy.copy_(param.detach().reshape(-1)[copy_offset:copy_offset + copy.numel()])
-
 
 __all__ = ["adamw_step_"]

@@ -23,5 +23,12 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
     param.addcdiv_(exp_avg, denom, value=-step_size(lr, beta1, beta2, step, correct_bias))
     if weight_decay != 0.0:
         param.add_(param, alpha=-lr * weight_decay)
+    cast_into_copy(param, copy, copy_offset)
+
+
+@torch.no_grad()
+def cast_into_copy(param, copy, copy_offset) -> None:
+    """copy = param.flatten()[copy_offset:].to(copy.dtype), if a copy is given: the copy of
+    adamw_step_ as a pass of its own (the backends whose kernel does not write it)."""
     if copy is not None:
-        copy.copy_(param.reshape(-1)[copy_offset:copy_offset + copy.numel()])
+        copy.copy_(param.detach().reshape(-1)[copy_offset:copy_offset + copy.numel()])

@@ -23,6 +23,7 @@ import torch
 
 from ..triton_support import (TRITON_ERROR, availability, skip_launch, tl, triton,  # noqa: F401
                               triton_op, wrap_triton)
+from .ref import cast_into_copy as _cast_into_copy
 from .ref import step_size as _host_step_size
 
 _BLOCK = 1024
@@ -146,8 +147,7 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
                 correct_bias=True, copy=None, copy_offset=0):
     """The registry's entry. `step` may be an int (step size computed on the host) or a device
     tensor (see adamw_step_tensor_). A bf16 `copy` is cast after the update, not in the kernel
-    (the fused copy is the CPU kernel's: there the extra read of param costs ~4% of a step)."""
-    from . import cast_into_copy
+    (only the CPU kernel fuses it)."""
     if isinstance(step, torch.Tensor) or isinstance(lr, torch.Tensor):
         adamw_step_tensor_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps,
                            weight_decay, step, correct_bias)
@@ -156,7 +156,7 @@ def adamw_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_
         torch.ops.smarter_fast_triton.adamw_step_(param, grad, exp_avg, exp_avg_sq, float(ss),
                                                   float(beta1), float(beta2), float(eps),
                                                   -float(lr) * float(weight_decay))
-    cast_into_copy(param, copy, copy_offset)
+    _cast_into_copy(param, copy, copy_offset)
 
 
 def adamw_step_tensor_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
