@@ -145,16 +145,17 @@ class Extras:
         a = self.args
         if a.smart == "simple":
             total, loss, term, _ = smart_simple_loss(model, task, batch, a.smart_sigma, a.smart_lambda,
-                                                     step_seed(a.seed, global_step), backend=a.backend)
+                                                     step_seed(a.seed, global_step), backend=a.backend,
+                                                     label_smoothing=a.label_smoothing)
         elif a.smart == "full":
             total, loss, term, _ = smart_full_loss(
                 model, task, batch, sigma=a.smart_full_sigma, eta=a.smart_full_eta,
                 steps=a.smart_full_steps, lam=a.smart_full_lambda, epsilon=a.smart_full_epsilon,
                 keep_dropout=a.smart_full_keep_dropout, seed=step_seed(a.seed, global_step),
-                teacher=self.teacher, mu=a.smart_full_mu)
+                teacher=self.teacher, mu=a.smart_full_mu, label_smoothing=a.label_smoothing)
         else:
             out = task_forward(model, task, batch)
-            loss = task_loss(task, out, batch["labels"])
+            loss = task_loss(task, out, batch["labels"], label_smoothing=a.label_smoothing)
             total, term = loss, None
         return total, loss, term
 

@@ -15,9 +15,10 @@ TASKS = ("sst", "quora", "sts")
 HEAD_OF = {"sst": "sentiment", "quora": "paraphrase", "sts": "similarity"}
 
 
-def sst_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over the 5 SST classes: logits (B, 5), labels (B,) int64 in 0-4."""
-    return F.cross_entropy(logits.float(), labels.long())
+def sst_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the 5 SST classes: logits (B, 5), labels (B,) int64 in 0-4; with
+    `label_smoothing` e the target is (1 - e) on the gold class plus e / 5 on every class."""
+    return F.cross_entropy(logits.float(), labels.long(), label_smoothing=label_smoothing)
 
 
 def quora_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,12 +34,17 @@ def sts_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 LOSSES = {"sst": sst_loss, "quora": quora_loss, "sts": sts_loss}
 
 
-def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss of `task` ('sst', 'quora' or 'sts') for the model output and gold labels."""
+def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor, *,
+              label_smoothing: float = 0.0) -> torch.Tensor:
+    """The loss of `task` ('sst', 'quora' or 'sts') for the model output and gold labels.
+    `label_smoothing` applies to the SST cross-entropy only (the 5 sentiment classes are graded
+    and neighbours are often confused by annotators)."""
     try:
         fn = LOSSES[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}") from None
+    if task == "sst" and label_smoothing:
+        return fn(output, labels, label_smoothing)
     return fn(output, labels)
 
 

@@ -39,7 +39,7 @@ def recipe_defaults(name: str) -> dict:
 
 # The settings a recipe is made of, printed in this order at the start of a run.
 RECIPE_KEYS = ("pooling", "pair_features", "pair_order", "schedule", "split_parts", "interleave", "batch_size",
-               "lr", "lr_schedule", "warmup_ratio", "layer_decay", "weight_decay", "dropout",
+               "lr", "lr_schedule", "warmup_ratio", "layer_decay", "weight_decay", "dropout", "label_smoothing",
                "ema", "ensemble", "smart", "precision", "epochs", "time_budget")
 
 

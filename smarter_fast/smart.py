@@ -66,7 +66,7 @@ def _fuse_rows(tensors, parts: int) -> torch.Tensor:
 
 def smart_simple_loss(model, task: str, batch: dict, sigma: float, lam: float, seed: int,
                       backend: str = "auto", fuse_batch: bool | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(total loss, task loss, SMART term, clean output) for one padded batch.
 
     total = task loss + lam * smart_mse(clean, perturbed); the SMART term returned is the
@@ -92,7 +92,7 @@ def smart_simple_loss(model, task: str, batch: dict, sigma: float, lam: float, s
     else:
         clean = model.heads_from_embeddings(head, E, mask)
         perturbed = model.heads_from_embeddings(head, E_noisy, mask)
-    loss = task_loss(task, clean, batch["labels"])
+    loss = task_loss(task, clean, batch["labels"], label_smoothing=label_smoothing)
     term = ops.smart_mse(clean.float(), perturbed.float(), backend=backend)
     return loss + lam * term, loss, term, clean
 
@@ -205,7 +205,7 @@ class EmaTeacher(WeightEma):
 def smart_full_loss(model, task: str, batch: dict, *, sigma: float = 1e-5, eta: float = 1e-3,
                     steps: int = 1, lam: float = 1.0, epsilon: float | None = None,
                     keep_dropout: bool = False, seed: int = 0, teacher: EmaTeacher | None = None,
-                    mu: float = 1.0):
+                    mu: float = 1.0, label_smoothing: float = 0.0):
     """(total, task loss, SMART term, clean output) of full SMART for one padded batch:
     total = loss + lam * adv (+ mu * D(clean, teacher output) with a teacher); the SMART term
     returned is the unweighted adversarial divergence adv."""
@@ -214,7 +214,7 @@ def smart_full_loss(model, task: str, batch: dict, *, sigma: float = 1e-5, eta: 
     mask = batch["attention_mask"]
     E = model.bert.embed(batch["input_ids"], type_ids)  # (N, L, H): N = B, 2B or 3B rows
     clean = model.heads_from_embeddings(head, E, mask)  # (B, ...)
-    loss = task_loss(task, clean, batch["labels"])
+    loss = task_loss(task, clean, batch["labels"], label_smoothing=label_smoothing)
     g = torch.Generator().manual_seed(int(seed))
     delta = adversarial_perturbation(model, task, E, mask, clean, sigma=sigma, eta=eta, steps=steps,
                                      epsilon=epsilon, keep_dropout=keep_dropout, generator=g)

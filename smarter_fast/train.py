@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alternate batches among tasks instead of task after task")
     t.add_argument("--dropout", type=_float("--dropout", 0.0, 1.0, high_open=True), default=0.0,
                    help="dropout before the task heads")
+    t.add_argument("--label-smoothing", type=_float("--label-smoothing", 0.0, 1.0, high_open=True), default=0.0,
+                   help="label smoothing of the SST cross-entropy (0: off)")
     t.add_argument("--ensemble", type=_positive_int("--ensemble"), default=1, metavar="K",
                    help="train K models one after another (seeds SEED, SEED+1, ...; each with 1/K of "
                         "--time-budget) in OUT/member1..K, then evaluate them as one: their dev and "
@@ -422,10 +424,11 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                         elif args.smart == "simple":
                             total, loss, term, _ = smart_simple_loss(
                                 m, task, batch, args.smart_sigma, args.smart_lambda,
-                                step_seed(args.seed, global_step), backend=args.backend)
+                                step_seed(args.seed, global_step), backend=args.backend,
+                                label_smoothing=args.label_smoothing)
                         else:
                             out = task_forward(m, task, batch)
-                            loss = task_loss(task, out, batch["labels"])
+                            loss = task_loss(task, out, batch["labels"], label_smoothing=args.label_smoothing)
                             total, term = loss, None
                     return total, loss, term
 
