@@ -25,7 +25,7 @@ RECIPES: dict[str, dict] = {
         "warmup_ratio": 0.05,
         "dropout": 0.1,
         "ema": 0.999,  # evaluate the weights' moving average: SST swung by +-0.03 between epochs
-        "precision": "bf16",
+        "precision": "auto",  # bf16 where the CPU has AVX512-BF16 or AMX, else fp32 (smarter_fast.precision)
     },
 }
 
@@ -52,8 +52,9 @@ def describe(name: str, args, parser_defaults: dict) -> tuple[dict, dict]:
     overrides = {}
     for k, used in settings.items():
         recipe_value = preset.get(k, parser_defaults.get(k))
-        if used != recipe_value:
-            overrides[k] = (recipe_value, used)
+        # a setting resolved at run time (precision auto -> fp32) is compared as it was asked for
+        if getattr(args, f"{k}_requested", used) != recipe_value:
+            overrides[k] = (recipe_value, getattr(args, f"{k}_requested", used))
     return settings, overrides
 
 

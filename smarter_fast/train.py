@@ -47,6 +47,7 @@ import torch
 
 from .data.cs224n import DataError, find_data_files, load_cs224n
 from .data.schedules import SCHEDULES, TASK_ORDER, Schedule, resolve_split_parts
+from .precision import PRECISIONS, resolve_precision
 from .recipes import RECIPES, format_settings, recipe_defaults
 from .recipes import describe as describe_recipe
 from .losses import task_loss
@@ -196,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--backend", choices=("auto", "ref", "cpp", "triton"), default=None,
                    help="kernels for attention, AdamW and SMART (default: $SMARTER_FAST_BACKEND or auto)")
-    r.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast with fp32 master weights")
+    r.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: autocast with fp32 master weights; auto: bf16 where the device runs it "
+                        "natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else fp32")
     r.add_argument("--seed", type=int, default=11711,
                    help="seed for shuffling, dropout, noise and initialisation")
     r.add_argument("--out", default=None, help="output directory (default: runs/<date-time>/)")
@@ -538,6 +540,7 @@ def run(args) -> int:
     tag = " [SYNTHETIC]" if synthetic else ""
 
     device = dist_device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _resolve_precision(args, device, main_rank)
     if args.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU does not support bfloat16")
     _seed_everything(args.seed)
@@ -750,6 +753,7 @@ def run_ensemble(args) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _resolve_precision(args, device, verbose=False)  # the members said which
     data_dir, _, synthetic = resolve_data_dir(args.data_dir, out_dir)
     models = [MultitaskBert.from_pretrained(m / "checkpoints" / "best", backend=args.backend).to(device)
               for m in members]
@@ -771,6 +775,14 @@ def run_ensemble(args) -> int:
     print(f"outputs: {out_dir / 'dev_metrics.json'}, {out_dir / 'predictions'}, "
           f"{out_dir / 'ensemble.json'}", flush=True)
     return 0
+
+
+def _resolve_precision(args, device, verbose: bool = True) -> None:
+    """Replace --precision auto by fp32 or bf16 for `device` (smarter_fast.precision); say why."""
+    args.precision_requested = getattr(args, "precision_requested", args.precision)
+    args.precision, message = resolve_precision(args.precision_requested, device)
+    if message and verbose:
+        print(message, flush=True)
 
 
 def main(argv=None) -> int:

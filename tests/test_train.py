@@ -154,10 +154,30 @@ def test_recipe_is_printed_with_overrides_and_recorded(tiny, tmp_path, capsys):
                "--precision", "fp32") == 0
     stdout = capsys.readouterr().out
     line = next(x for x in stdout.splitlines() if x.startswith("recipe minilm-cpu:"))
-    assert "pooling mean" in line and "set by flags:" in line and "precision bf16 -> fp32" in line
+    assert "pooling mean" in line and "set by flags:" in line and "precision auto -> fp32" in line
     (r,) = rows(out)
     assert r["recipe"] == "minilm-cpu"
     assert r["recipe_settings"]["batch_size"] == 4 and r["recipe_settings"]["schedule"] == "sqrt"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_recipe_precision_auto_follows_the_cpu(tiny, tmp_path, capsys, monkeypatch, native):
+    """minilm-cpu's precision auto runs bf16 only on a CPU with native bf16, says which and why,
+    and records the precision it ran (not as an override of the recipe)."""
+    import torch
+
+    caps = dict(torch.cpu.get_capabilities(), avx512_bf16=native, amx_bf16=False, cpu_name="TestCPU")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    out = tmp_path / "auto"
+    assert run(tiny, out, "--recipe", "minilm-cpu", "--epochs", "1", "--limit", "12") == 0
+    stdout = capsys.readouterr().out
+    chosen = "bf16" if native else "fp32"
+    assert f"precision auto -> {chosen}: this CPU " in stdout
+    line = next(x for x in stdout.splitlines() if x.startswith("recipe minilm-cpu:"))
+    assert f"precision {chosen}" in line and "precision auto ->" not in line
+    assert f"precision {chosen}," in next(x for x in stdout.splitlines() if x.startswith("setup "))
+    (r,) = rows(out)
+    assert r["recipe_settings"]["precision"] == chosen
 
 
 def test_ensemble_trains_members_then_averages_their_outputs(tiny, tmp_path, capsys):
