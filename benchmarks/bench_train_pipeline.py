@@ -31,8 +31,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import (Cycle, cs224n_dir, group_name, hf_bert, label, our_model_and_optimizer,
-                       record_step_ratio, sync)
+from benchutil import (Cycle, bf16_skip_reason, cs224n_dir, group_name, hf_bert, label,
+                       our_model_and_optimizer, record_step_ratio, sync)
 
 BATCH = 8
 LR = 1e-5
@@ -137,6 +137,8 @@ class TaskCycle(Cycle):
 def bench_train_pipeline(benchmark, results, task_examples, provider):
     device = "cpu"  # the issue-5 target is this CPU's; CUDA steps are timed in bench_train_step
     examples, real = task_examples
+    if provider.endswith("bf16") and bf16_skip_reason(device):
+        pytest.skip(bf16_skip_reason(device))
     bucketed = provider != "hf"
     items = make_pipeline_batches(examples, bucketed)
     group = group_name("train-pipeline", device)
@@ -159,19 +161,23 @@ def bench_train_pipeline(benchmark, results, task_examples, provider):
 def bench_train_pipeline_interleaved(benchmark, task_examples):
     device = "cpu"
     examples, real = task_examples
-    items = {p: make_pipeline_batches(examples, bucketed=p != "hf") for p in PROVIDERS}
+    no_bf16 = bf16_skip_reason(device)
+    providers = [p for p in PROVIDERS if not (no_bf16 and p.endswith("bf16"))]
+    items = {p: make_pipeline_batches(examples, bucketed=p != "hf") for p in providers}
     steps = {"hf": hf_step_fn(device)}
-    for p in PROVIDERS[1:]:
+    for p in providers[1:]:
         model, opt = our_model_and_optimizer("auto", device, lr=LR)
         steps[p] = our_pipeline_step_fn(model, opt, device, bf16=p.endswith("bf16"))
-    cycles = {p: TaskCycle(items[p], device) for p in PROVIDERS}
+    cycles = {p: TaskCycle(items[p], device) for p in providers}
     label(benchmark, group_name("train-pipeline-interleaved", device), "all", batch_size=BATCH,
-          mix=dict(MIX), passes=INTERLEAVED_PASSES, data="cs224n" if real else "generated stand-in")
-    seconds = {p: 0.0 for p in PROVIDERS}
+          mix=dict(MIX), passes=INTERLEAVED_PASSES, data="cs224n" if real else "generated stand-in",
+          **({"skipped": no_bf16} if no_bf16 else {}))
+    seconds = {p: 0.0 for p in providers}
     turn = {"i": 0}
 
     def round_of_steps():
-        order = PROVIDERS[turn["i"] % 3:] + PROVIDERS[:turn["i"] % 3]
+        k = turn["i"] % len(providers)
+        order = providers[k:] + providers[:k]
         turn["i"] += 1
         for p in order:
             batch = cycles[p]()[0][0]
@@ -181,10 +187,10 @@ def bench_train_pipeline_interleaved(benchmark, task_examples):
 
     for _ in range(2):  # warm-up steps, not counted
         round_of_steps()
-    for p in PROVIDERS:
+    for p in providers:
         seconds[p] = 0.0
     n_steps = INTERLEAVED_PASSES * len(items["hf"])
     benchmark.pedantic(round_of_steps, rounds=n_steps, iterations=1)
-    eps = {p: n_steps * BATCH / seconds[p] for p in PROVIDERS}
-    benchmark.extra_info.update({f"{p}_examples_per_s": round(eps[p], 2) for p in PROVIDERS})
-    benchmark.extra_info.update({f"{p}_over_hf": round(eps[p] / eps["hf"], 3) for p in PROVIDERS[1:]})
+    eps = {p: n_steps * BATCH / seconds[p] for p in providers}
+    benchmark.extra_info.update({f"{p}_examples_per_s": round(eps[p], 2) for p in providers})
+    benchmark.extra_info.update({f"{p}_over_hf": round(eps[p] / eps["hf"], 3) for p in providers[1:]})

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import (DEVICES, Cycle, group_name, hf_bert, label, make_batches,
+from benchutil import (DEVICES, Cycle, bf16_skip_reason, group_name, hf_bert, label, make_batches,
                        our_model_and_optimizer, our_step_fn, padding_share, record_step_ratio, sync)
 
 N_BATCHES = 24
@@ -57,6 +57,8 @@ def _params():
 
 @pytest.mark.parametrize("device,provider", list(_params()))
 def bench_train_step(benchmark, results, sst_examples, device, provider):
+    if provider.endswith("bf16") and bf16_skip_reason(device):
+        pytest.skip(bf16_skip_reason(device))
     ids, labels, data_dir, real = sst_examples
     bucketed = provider != "hf"
     batches = make_batches(ids, labels, N_BATCHES, BATCH, bucketed=bucketed)

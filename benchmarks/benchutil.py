@@ -73,6 +73,15 @@ def backend_or_skip(op_name: str, name: str, tensors, **options):
     return backend
 
 
+def bf16_skip_reason(device) -> str | None:
+    """Why bf16 autocast is not timed on `device` (no native bf16 matmuls: a CPU without
+    AVX512-BF16 or AMX runs them in scalar code, 25-45x slower than fp32), or None."""
+    from smarter_fast.precision import native_bf16
+
+    ok, why = native_bf16(torch.device(device))
+    return None if ok else f"bf16 not timed: {why}"
+
+
 def label(benchmark, group: str, provider: str, baseline: str | None = None, **extra) -> None:
     """Sets the group, the provider as the benchmark's name, and extra_info."""
     benchmark.group = group
