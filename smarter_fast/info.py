@@ -46,6 +46,10 @@ def report() -> list[str]:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     lines.append(f"cuda device: {cuda}")
     lines.append(f"cpu: {torch.get_num_threads()} threads; capability flags: {_cpu_flags()}")
+    from .precision import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lines.append(resolve_precision("auto", device)[1].replace("precision auto", "--precision auto", 1))
     status = _ext.load()
     if status.loaded:
         lines.append(f"extension: {status.mode} ({status.path}); "

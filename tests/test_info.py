@@ -35,6 +35,7 @@ def test_info_lists_every_op_and_backend():
     assert set(found) == {(o, b) for o in OPS for b in ("triton", "cpp", "ref")}
     assert all(found[(o, "ref")] == "available" for o in OPS)
     assert "capability flags" in out.stdout
+    assert re.search(r"^--precision auto -> (fp32|bf16): ", out.stdout, re.M)
 
 
 def test_info_reports_cpp_kernels_when_the_extension_loads():
