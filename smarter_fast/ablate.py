@@ -64,6 +64,7 @@ CONFIGS = [
     ("mc-smart", "recipe", ["--recipe", "minilm-cpu", "--smart", "simple"]),
     ("mc-layer-decay", "recipe", ["--recipe", "minilm-cpu", "--layer-decay", "0.9"]),
     ("mc-dropout-0", "recipe", ["--recipe", "minilm-cpu", "--dropout", "0"]),
+    ("mc-label-smoothing", "recipe", ["--recipe", "minilm-cpu", "--label-smoothing", "0.1"]),
     ("mc-given-order", "recipe", ["--recipe", "minilm-cpu", "--pair-order", "given"]),
     ("mc-no-ema", "recipe", ["--recipe", "minilm-cpu", "--ema", "0"]),
 ]
