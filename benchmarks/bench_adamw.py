@@ -27,7 +27,8 @@ import time
 import pytest
 import torch
 
-from benchutil import DEVICES, backend_or_skip, group_name, label, our_backends, sync, synced
+from benchutil import (DEVICES, backend_or_skip, group_name, label, our_backends, rotation, sync,
+                       synced)
 
 LR, WD = 1e-5, 0.01
 
@@ -179,9 +180,7 @@ def bench_adamw_interleaved(benchmark, copy_bandwidth, device, ours):
         times[key].append(time.perf_counter() - t0)
 
     def pair():
-        order = [("ours", mine), ("fused", fused.step)]
-        if turn["i"] % 2:
-            order.reverse()
+        order = rotation([("ours", mine), ("fused", fused.step)], turn["i"])
         turn["i"] += 1
         for key, fn in order:
             timed(key, fn)

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from benchutil import label
+from benchutil import backend_or_skip, label, rotation
 
 TOKENS, OUT = 400, 1536
 N_PARAMS = 22_713_216
@@ -41,11 +41,12 @@ def bench_bias_grad(benchmark, provider):
     benchmark.pedantic(fn, rounds=200, warmup_rounds=10, iterations=1)
 
 
-def bench_weight_copy_interleaved(benchmark, skip_unless_cpp_adamw):
+def bench_weight_copy_interleaved(benchmark):
     from smarter_fast.ops import adamw_step_
 
     p, g = torch.randn(N_PARAMS), torch.randn(N_PARAMS) * 1e-3
     m, v = torch.zeros(N_PARAMS), torch.rand(N_PARAMS) * 1e-6
+    backend_or_skip("adamw", "cpp", (p, g, m, v))
     copy = torch.empty(COPY_N, dtype=torch.bfloat16)
     weights = p[COPY_LO:COPY_LO + COPY_N]
     step = {"t": 0}
@@ -64,7 +65,7 @@ def bench_weight_copy_interleaved(benchmark, skip_unless_cpp_adamw):
     turn = {"i": 0}
 
     def round_of_steps():
-        order = names[turn["i"] % 3:] + names[:turn["i"] % 3]
+        order = rotation(names, turn["i"])
         turn["i"] += 1
         for n in order:
             t0 = time.perf_counter()
@@ -84,11 +85,3 @@ def bench_weight_copy_interleaved(benchmark, skip_unless_cpp_adamw):
     benchmark.extra_info["fused_copy_cost_ms"] = round(ms["fused"] - ms["step-only"], 2)
     benchmark.extra_info["separate_copy_cost_ms"] = round(ms["separate"] - ms["step-only"], 2)
 
-
-@pytest.fixture
-def skip_unless_cpp_adamw():
-    from smarter_fast.ops import OPS
-
-    why = OPS["adamw"].backends["cpp"].availability()
-    if why is not None:
-        pytest.skip(f"adamw cpp: {why}")

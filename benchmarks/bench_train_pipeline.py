@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from benchutil import (Cycle, bf16_skip_reason, cs224n_dir, group_name, hf_bert, label,
-                       our_model_and_optimizer, record_step_ratio, sync)
+                       our_model_and_optimizer, record_step_ratio, rotation, sync)
 
 BATCH = 8
 LR = 1e-5
@@ -137,8 +137,8 @@ class TaskCycle(Cycle):
 def bench_train_pipeline(benchmark, results, task_examples, provider):
     device = "cpu"  # the issue-5 target is this CPU's; CUDA steps are timed in bench_train_step
     examples, real = task_examples
-    if provider.endswith("bf16") and bf16_skip_reason(device):
-        pytest.skip(bf16_skip_reason(device))
+    if provider.endswith("bf16") and (why := bf16_skip_reason(device)):
+        pytest.skip(why)
     bucketed = provider != "hf"
     items = make_pipeline_batches(examples, bucketed)
     group = group_name("train-pipeline", device)
@@ -176,8 +176,7 @@ def bench_train_pipeline_interleaved(benchmark, task_examples):
     turn = {"i": 0}
 
     def round_of_steps():
-        k = turn["i"] % len(providers)
-        order = providers[k:] + providers[:k]
+        order = rotation(providers, turn["i"])
         turn["i"] += 1
         for p in order:
             batch = cycles[p]()[0][0]

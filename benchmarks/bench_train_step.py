@@ -57,8 +57,8 @@ def _params():
 
 @pytest.mark.parametrize("device,provider", list(_params()))
 def bench_train_step(benchmark, results, sst_examples, device, provider):
-    if provider.endswith("bf16") and bf16_skip_reason(device):
-        pytest.skip(bf16_skip_reason(device))
+    if provider.endswith("bf16") and (why := bf16_skip_reason(device)):
+        pytest.skip(why)
     ids, labels, data_dir, real = sst_examples
     bucketed = provider != "hf"
     batches = make_batches(ids, labels, N_BATCHES, BATCH, bucketed=bucketed)

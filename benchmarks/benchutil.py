@@ -73,6 +73,13 @@ def backend_or_skip(op_name: str, name: str, tensors, **options):
     return backend
 
 
+def rotation(names: list, i: int) -> list:
+    """`names` starting at position i (mod len): interleaved benchmarks step their providers in
+    this order in round i, so that none always runs first (or always right after another)."""
+    k = i % len(names)
+    return names[k:] + names[:k]
+
+
 def bf16_skip_reason(device) -> str | None:
     """Why bf16 autocast is not timed on `device` (no native bf16 matmuls: a CPU without
     AVX512-BF16 or AMX runs them in scalar code, 25-45x slower than fp32), or None."""

@@ -42,5 +42,4 @@ def _check_copy(param, copy, copy_offset) -> None:
                          f"{copy_offset} does not fit in param's {param.numel()}")
 
 
-
 __all__ = ["adamw_step_"]
