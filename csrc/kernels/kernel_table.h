@@ -147,4 +147,8 @@ SMARTER_FAST_DECLARE_TABLE(AVX512)
 // environment variable ATEN_CPU_CAPABILITY=default|avx2|avx512, as in ATen).
 const KernelTable& kernels();
 
+// Whether this CPU runs the instruction set `capability` ("default", "avx2" or "avx512",
+// ATEN_CPU_CAPABILITY's values; anything else counts as "avx512", as for ATen).
+bool cpu_supports(const char* capability);
+
 }  // namespace smarter_fast::cpu

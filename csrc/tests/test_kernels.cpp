@@ -219,41 +219,19 @@ static void test_layer_norm_operator() {
 // ATEN_CPU_CAPABILITY without checking the CPU, so going on would die of SIGILL in ATen).
 constexpr int kSkip = 77;
 
-bool cpu_lacks_requested_capability() {
-  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-  if (env == nullptr) return false;
-  const std::string want(env);
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (want == "avx512")
-    return !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"));
-  if (want == "avx2") return !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
-  return false;
-#else
-  return want != "default";
-#endif
-}
-
 int main() {
-  if (cpu_lacks_requested_capability()) {
-    std::printf("skipped: ATEN_CPU_CAPABILITY=%s, which this CPU does not support\n",
-                std::getenv("ATEN_CPU_CAPABILITY"));
+  const char* requested = std::getenv("ATEN_CPU_CAPABILITY");
+  if (requested != nullptr && !smarter_fast::cpu::cpu_supports(requested)) {
+    std::printf("skipped: ATEN_CPU_CAPABILITY=%s, which this CPU does not support\n", requested);
     return kSkip;
   }
   std::mt19937 rng(42);
   std::vector<const KernelTable*> tables = {&smarter_fast::cpu::DEFAULT::kernel_table()};
-#if defined(__x86_64__)
-  __builtin_cpu_init();
 #ifdef SMARTER_FAST_HAVE_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    tables.push_back(&smarter_fast::cpu::AVX2::kernel_table());
+  if (smarter_fast::cpu::cpu_supports("avx2")) tables.push_back(&smarter_fast::cpu::AVX2::kernel_table());
 #endif
 #ifdef SMARTER_FAST_HAVE_AVX512
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    tables.push_back(&smarter_fast::cpu::AVX512::kernel_table());
-#endif
+  if (smarter_fast::cpu::cpu_supports("avx512")) tables.push_back(&smarter_fast::cpu::AVX512::kernel_table());
 #endif
   for (const KernelTable* k : tables) {
     std::printf("testing the %s kernels\n", k->name);
