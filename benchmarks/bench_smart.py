@@ -10,8 +10,9 @@
   `plain` (the baseline: forward, loss, backward, step) against `smart-simple`
   (`smarter_fast.smart.smart_simple_loss`: the embeddings once, clean and perturbed passes,
   loss + 10 * smart_mse, sigma 0.05, as `--smart simple` trains) and `smart-simple-ref` (the
-  same with the `ref` noise and mean-squared ops). extra_info: examples/s and the step-time ratio
-  to `plain`.
+  same with the `ref` noise and mean-squared ops), and `smart-full` (`smart_full_loss` with its
+  defaults, as `--smart full` trains: one adversarial ascent step, whose backward asks for the
+  perturbation's gradient only). extra_info: examples/s and the step-time ratio to `plain`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def bench_smart_mse(benchmark, device, provider):
 N_BATCHES = 12
 STEP_PROVIDERS = {"plain": None,
                   "smart-simple": {"sigma": SIGMA, "lambda": 10.0, "backend": "auto"},
-                  "smart-simple-ref": {"sigma": SIGMA, "lambda": 10.0, "backend": "ref"}}
+                  "smart-simple-ref": {"sigma": SIGMA, "lambda": 10.0, "backend": "ref"},
+                  "smart-full": {"mode": "full"}}
 
 
 def _step_params():

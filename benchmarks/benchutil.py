@@ -193,11 +193,12 @@ def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = Fa
                 bf16: bool = False):
     """One SST training step of our model: forward, loss, backward, optimizer step, zero_grad
     (set_to_none, as the trainer does). smart = {"sigma", "lambda", "backend"} adds the simple
-    SMART term (smarter_fast.smart.smart_simple_loss), seeded per step; bf16 runs the forward
+    SMART term (smarter_fast.smart.smart_simple_loss), seeded per step; smart = {"mode": "full"}
+    trains full SMART instead (smart_full_loss with its defaults, as `--smart full`); bf16 runs the forward
     under torch.autocast(bfloat16) with fp32 weights and optimizer state (`--precision bf16`)."""
     from smarter_fast.data import to_packed
     from smarter_fast.losses import task_loss
-    from smarter_fast.smart import smart_simple_loss, step_seed, task_forward
+    from smarter_fast.smart import smart_full_loss, smart_simple_loss, step_seed, task_forward
 
     state = {"step": 0}
 
@@ -212,7 +213,9 @@ def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = Fa
         sync(device)
 
     def _loss(batch, n):
-        if smart is not None:
+        if smart is not None and smart.get("mode") == "full":
+            loss, *_ = smart_full_loss(model, "sst", batch, seed=step_seed(0, n))
+        elif smart is not None:
             loss, *_ = smart_simple_loss(model, "sst", batch, smart["sigma"], smart["lambda"],
                                          step_seed(0, n), backend=smart["backend"])
         elif packed:

@@ -192,7 +192,9 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
 # as autograd does. Same values as F.linear's backward (under autocast grad_b is the
 # low-precision column sum, cast once: see _bias_grad). Used only when
 # a gradient is recorded, outside torch.distributed, and with `FUSED_LINEAR_GRADS` True; the
-# caveat of BertEmbeddings (old .grad references get reused) applies.
+# caveat of BertEmbeddings (old .grad references get reused) applies. The backward asks the
+# autograd engine whether the graph task being run wants each parameter (_grad_route), so
+# torch.autograd.grad and .backward(inputs=...) behave as with nn.Linear.
 FUSED_LINEAR_GRADS = True
 # Under autocast, linear() keeps each weight's low-precision copy and the low-precision weight
 # gradient in buffers of its own instead of fresh tensors every step: on this CPU fresh
@@ -201,6 +203,29 @@ FUSED_LINEAR_GRADS = True
 # smarter_fast.optim.AdamW the copy is the optimizer's low_precision_copy, which its fused step
 # rewrites: no cast pass at all (about 2% net: benchmarks/README.md).
 KEEP_CAST_BUFFERS = True
+
+
+_will_engine_execute_node = getattr(torch._C, "_will_engine_execute_node", None)
+
+
+def _grad_route(ctx, index: int) -> str:
+    """Where the gradient of input `index` of a node that writes parameter gradients itself
+    (the sinks here, the word embedding above) goes in the graph task being run:
+    - "sink": a .backward() that reaches the parameter: write p.grad, as autograd accumulates;
+    - "skip": the parameter is not wanted: torch.autograd.grad, or .backward(inputs=...), for
+      other tensors (SMART's adversarial ascent asks for the perturbation's gradient alone):
+      no GEMM, and p.grad is left as it is;
+    - "return": torch.autograd.grad asks for this parameter: hand the gradient to autograd.
+    Without the engine query (older torch) everything goes to the sink, as before."""
+    node = ctx.next_functions[index][0]
+    if node is None:
+        return "skip"
+    if _will_engine_execute_node is None:
+        return "sink"
+    try:
+        return "sink" if _will_engine_execute_node(node) else "skip"
+    except RuntimeError:  # raised for a leaf that torch.autograd.grad captures
+        return "return"
 
 
 class _GradSink:
@@ -358,8 +383,11 @@ class _Linear(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         m = ctx.sinks.module()
+        w_route = _grad_route(ctx, 1) if m.weight.requires_grad else "skip"
+        b_route = _grad_route(ctx, 2) if ctx.has_bias and m.bias.requires_grad else "skip"
+        gw = gb = None
         with torch.no_grad():
-            if m.weight.requires_grad:
+            if w_route == "sink":
                 def into(buf):  # the fp32 gradient of a bf16 GEMM goes through a kept buffer
                     if buf.dtype == g2.dtype:
                         torch.mm(g2.t(), x2, out=buf)
@@ -368,10 +396,14 @@ class _Linear(torch.autograd.Function):
                     else:
                         buf.copy_(g2.t() @ x2)
                 ctx.sinks.weight.write(m.weight, lambda: g2.t() @ x2, into)
-            if ctx.has_bias and m.bias.requires_grad:
+            elif w_route == "return":
+                gw = (g2.t() @ x2).to(m.weight.dtype)
+            if b_route == "sink":
                 ctx.sinks.bias.write(m.bias, lambda: _bias_grad(g2, m.bias.dtype),
                                      lambda buf: _bias_grad(g2, buf.dtype, out=buf))
-        return gx, None, None, None, None, None
+            elif b_route == "return":
+                gb = _bias_grad(g2, m.bias.dtype)
+        return gx, gw, gb, None, None, None
 
 
 _SINKS: "weakref.WeakKeyDictionary[nn.Linear, _LinearGrads]" = weakref.WeakKeyDictionary()
@@ -405,8 +437,11 @@ class _ClsQKV(torch.autograd.Function):
             gx[:, 0] += gq @ w[:H]
         gkv2, x2, x0 = gkv.reshape(-1, gkv.shape[-1]), x.reshape(-1, H), x[:, 0]
         m = ctx.sinks.module()
+        w_route = _grad_route(ctx, 1) if m.weight.requires_grad else "skip"
+        b_route = _grad_route(ctx, 2) if m.bias.requires_grad else "skip"
+        gw = gb = None
         with torch.no_grad():
-            if m.weight.requires_grad:
+            if w_route == "sink":
                 def into(buf):
                     for rows, (a, b) in ((slice(None, H), (gq, x0)), (slice(H, None), (gkv2, x2))):
                         if buf.dtype == a.dtype:
@@ -415,13 +450,17 @@ class _ClsQKV(torch.autograd.Function):
                             buf[rows].copy_(a.t() @ b)
                 ctx.sinks.weight.write(m.weight, lambda: torch.cat([gq.t() @ x0, gkv2.t() @ x2]),
                                        into)
-            if m.bias.requires_grad:
+            elif w_route == "return":
+                gw = torch.cat([gq.t() @ x0, gkv2.t() @ x2]).to(m.weight.dtype)
+            if b_route == "sink":
                 def bias_into(buf):
                     _bias_grad(gq, buf.dtype, out=buf[:H])
                     _bias_grad(gkv2, buf.dtype, out=buf[H:])
                 ctx.sinks.bias.write(m.bias, lambda: torch.cat(
                     [_bias_grad(gq, m.bias.dtype), _bias_grad(gkv2, m.bias.dtype)]), bias_into)
-        return gx, None, None, None, None
+            elif b_route == "return":
+                gb = torch.cat([_bias_grad(gq, m.bias.dtype), _bias_grad(gkv2, m.bias.dtype)])
+        return gx, gw, gb, None, None
 
 
 def _fused_grads(module: nn.Linear, x: torch.Tensor):
@@ -466,7 +505,14 @@ class _WordEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
-        ctx.owner._accumulate_word_grad(ids, grad)
+        route = _grad_route(ctx, 1)
+        if route == "sink":
+            ctx.owner._accumulate_word_grad(ids, grad)
+        elif route == "return":
+            w = ctx.owner.word
+            pad = -1 if w.padding_idx is None else w.padding_idx
+            return None, torch.ops.aten.embedding_dense_backward(
+                grad.to(w.weight.dtype), ids, w.num_embeddings, pad, False), None
         return None, None, None
 
 
