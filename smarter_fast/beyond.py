@@ -8,14 +8,15 @@
   (`surgery_epoch`: one batch of every task per step, see smarter_fast.surgery and the schedules'
   `group_steps`).
 
-Not saved in checkpoints (a resumed run rebuilds them): the EMA teacher (restarts from the
-resumed weights) and GradVac's target similarities (restart at 0). The LR schedule is a pure
-function of the global step, so it resumes exactly.
+Checkpoints keep the EMA teacher's weights (smart_teacher.safetensors) and the surgery's state
+(GradVac's target similarities, the pair-order generator) in trainer_state.json, so --resume
+continues exactly; the LR schedule is a pure function of the global step.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -74,6 +75,9 @@ def check_args(args, error) -> None:
         error("--warmup-steps must be >= 0")
     if not 0 < args.layer_decay <= 1:
         error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    if args.grad_surgery != "off" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        error("--grad-surgery runs in one process (its steps are not sharded over ranks); "
+              "run it without torchrun")
 
 
 def optimizer_params(model, args):
@@ -161,82 +165,86 @@ class Extras:
 
     # -- gradient surgery epoch -----------------------------------------------------------------
     def surgery_epoch(self, model, optimizer, schedule, train_data, epoch, args, device, global_step,
-                      epoch_label, synthetic, to_device, clock=None):
+                      epoch_label, synthetic, to_device, clock=None, run_state=None):
         """One epoch of gradient-surgery steps; returns (stats, global_step) like train_epoch
-        (`clock`: the run's TrainingClock for --time-budget, or None)."""
+        (`clock`: the run's TrainingClock for --time-budget, or None). With a `run_state`
+        (smarter_fast.state.RunState), as train_epoch: the epoch may start mid-way (resume), a
+        step with a non-finite loss or gradient is skipped (--max-nonfinite in a row stop the
+        run), and checkpoints are written every --save-every steps and on SIGINT/SIGTERM."""
         from tqdm import tqdm
+        from .state import RunState
         from .train import pair_swaps
+        rs = run_state if run_state is not None else RunState(model, optimizer, args=args)
         groups = schedule.group_steps(epoch)
-        sums = {t: 0.0 for t in TASK_ORDER}
-        counts = {t: 0 for t in TASK_ORDER}
-        smart_sum, smart_n, seen, skipped = 0.0, 0, 0, 0
-        cos_sum, cos_n = 0.0, 0
         exhausted = False
         autocast = args.precision == "bf16"
         model.train()
-        torch.manual_seed(step_seed(args.seed, 10_000_019 + epoch))
+        start, partial = rs.begin_epoch(epoch, lambda: step_seed(args.seed, 10_000_019 + epoch))
+        p = partial or {"sums": {t: 0.0 for t in TASK_ORDER}, "counts": {t: 0 for t in TASK_ORDER},
+                        "smart_sum": 0.0, "smart_n": 0, "seen": 0, "seconds": 0.0,
+                        "cos_sum": 0.0, "cos_n": 0}
+        sums, counts = p["sums"], p["counts"]
         t0 = time.perf_counter()
-        bar = tqdm(total=len(groups), desc=f"epoch {epoch_label} ({args.grad_surgery})"
+        bar = tqdm(total=len(groups), initial=start, desc=f"epoch {epoch_label} ({args.grad_surgery})"
                    + (" [SYNTHETIC]" if synthetic else ""), unit="step", dynamic_ncols=True,
                    mininterval=1.0, leave=False, file=sys.stderr)
         try:
-            for gi, group in enumerate(groups):
-                weights = schedule.task_weights(epoch, gi)
-                values, ok = {}, True
-                for task, indices in group.items():
-                    batch = to_device(train_data[task].batch(indices, swap=pair_swaps(args, task, global_step, len(indices))),
-                                      device)
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                        total, loss, term = self.step_loss(model, task, batch, global_step)
-                    (total * weights[task]).backward()  # one task's graph at a time
-                    self.surgery.collect(task)
-                    v = float(loss.detach())
-                    ok = ok and math.isfinite(v) and math.isfinite(float(total.detach()))
-                    values[task] = (v, len(indices), None if term is None else float(term.detach()))
-                if ok:
+            with rs.stop:
+                for gi in range(start, len(groups)):
+                    group = groups[gi]
+                    weights = schedule.task_weights(epoch, gi)
+                    values, checks = {}, []
+                    for task, indices in group.items():
+                        batch = to_device(train_data[task].batch(
+                            indices, swap=pair_swaps(args, task, global_step, len(indices))), device)
+                        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                            total, loss, term = self.step_loss(model, task, batch, global_step)
+                        (total * weights[task]).backward()  # one task's graph at a time
+                        self.surgery.collect(task)
+                        checks += [loss.detach(), total.detach()]
+                        values[task] = (loss.detach(), len(indices), None if term is None else term.detach())
+                    # a non-finite row gives a non-finite combination (and leaves GradVac alone)
                     self.surgery.combine(list(group))
-                    ok = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-                if ok:
-                    c = self.surgery.last_cosines
-                    if c is not None and c.shape[0] > 1:
-                        off = c[~torch.eye(c.shape[0], dtype=torch.bool)]
-                        cos_sum += float(off.mean())
-                        cos_n += 1
-                    self.before_step(global_step, clock.progress(time.perf_counter() - t0) if clock else None)
-                    optimizer.step()
-                    self.after_step(model)
-                    for task, (v, n, term) in values.items():
-                        sums[task] += v * n
-                        counts[task] += n
-                        seen += n
-                        if term is not None:
-                            smart_sum += term * n
-                            smart_n += n
-                else:
-                    skipped += 1
-                    if skipped > getattr(args, "max_nonfinite", 5):
-                        raise FloatingPointError(f"non-finite loss or gradient at epoch {epoch_label}, "
-                                                 f"global step {global_step + 1}; try a lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                bar.update(1)
-                if clock is not None and clock.exhausted(time.perf_counter() - t0):
-                    exhausted = True
-                    break
+                    skip = rs.check_step(checks, f"epoch {epoch_label}, step {gi + 1}/{len(groups)} "
+                                                 f"(global step {global_step + 1}, {args.grad_surgery})")
+                    if not skip:
+                        c = self.surgery.last_cosines
+                        if c is not None and c.shape[0] > 1:
+                            p["cos_sum"] += float(c[~torch.eye(c.shape[0], dtype=torch.bool)].mean())
+                            p["cos_n"] += 1
+                        self.before_step(global_step, clock.progress(p["seconds"] + time.perf_counter() - t0)
+                                         if clock else None)
+                        optimizer.step()
+                        self.after_step(model)
+                        for task, (v, n, term) in values.items():
+                            sums[task] += float(v) * n
+                            counts[task] += n
+                            if term is not None:
+                                p["smart_sum"] += float(term) * n
+                                p["smart_n"] += n
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    p["seen"] += sum(n for _, n, _ in values.values()) if not skip else 0
+                    bar.update(1)
+                    p_now = {**p, "seconds": p["seconds"] + time.perf_counter() - t0}
+                    rs.after_step(epoch, gi + 1, len(groups), global_step, p_now)
+                    if clock is not None and clock.exhausted(p_now["seconds"]):
+                        exhausted = True
+                        break
         finally:
             bar.close()
-        seconds = time.perf_counter() - t0
+        seconds = p["seconds"] + time.perf_counter() - t0
         stats = {
             "train_seconds": seconds,
-            "train_examples": seen,
-            "examples_per_second": seen / seconds if seconds > 0 else 0.0,
+            "train_examples": p["seen"],
+            "examples_per_second": p["seen"] / seconds if seconds > 0 else 0.0,
             "steps": len(groups),
             **{f"train_examples_{t}": counts[t] for t in TASK_ORDER},
             **{f"train_loss_{t}": (sums[t] / counts[t] if counts[t] else None) for t in TASK_ORDER},
-            "smart_term": smart_sum / smart_n if smart_n else None,
-            "nonfinite_skipped": skipped,
+            "smart_term": p["smart_sum"] / p["smart_n"] if p["smart_n"] else None,
+            "nonfinite_skipped": rs.guard.total,
             "grad_surgery": args.grad_surgery,
-            "task_grad_cosine": cos_sum / cos_n if cos_n else None,
+            "task_grad_cosine": p["cos_sum"] / p["cos_n"] if p["cos_n"] else None,
             "budget_exhausted": exhausted,
         }
         return stats, global_step

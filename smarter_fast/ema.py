@@ -22,6 +22,8 @@ class WeightEma:
     """A frozen eval-mode copy of `model` whose weights follow the moving average. warmup=False
     uses DECAY from the first update (the Bregman teacher of full SMART, smarter_fast.smart)."""
 
+    file = EMA_FILE  # its weights' file in a checkpoint directory
+
     def __init__(self, model, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
@@ -47,11 +49,11 @@ class WeightEma:
     def save(self, directory) -> None:
         from safetensors.torch import save_file
         save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  str(Path(directory) / EMA_FILE))
+                  str(Path(directory) / self.file))
 
     def load(self, directory, updates: int) -> bool:
         """Restore the average saved in a checkpoint directory; False when it has none."""
-        file = Path(directory) / EMA_FILE
+        file = Path(directory) / self.file
         if not file.is_file():
             return False
         from safetensors.torch import load_file

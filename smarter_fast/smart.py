@@ -183,6 +183,8 @@ class EmaTeacher(WeightEma):
     """Mean teacher for the momentum Bregman proximal point: theta~ <- beta theta~ + (1 - beta) theta
     after every optimizer step (no warm-up); evaluated without dropout and without gradient."""
 
+    file = "smart_teacher.safetensors"
+
     def __init__(self, model, beta: float = 0.995):
         super().__init__(model, beta, warmup=False)
 

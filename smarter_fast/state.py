@@ -103,9 +103,10 @@ def clean_temporaries(out_dir) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def write_checkpoint(directory, model, optimizer, state: dict, ema=None) -> Path:
+def write_checkpoint(directory, model, optimizer, state: dict, ema=None, teacher=None) -> Path:
     """Weights + config + vocab, optimizer.pt and trainer_state.json, atomically (see module doc);
-    with `ema` (smarter_fast.ema.WeightEma) also its averaged weights (ema.safetensors)."""
+    with `ema` (smarter_fast.ema.WeightEma) also its averaged weights (ema.safetensors), with
+    `teacher` (smarter_fast.smart.EmaTeacher) the full-SMART teacher (smart_teacher.safetensors)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
@@ -113,8 +114,9 @@ def write_checkpoint(directory, model, optimizer, state: dict, ema=None) -> Path
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if ema is not None:
-        ema.save(tmp)
+    for average in (ema, teacher):
+        if average is not None:
+            average.save(tmp)
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
     swap_in(tmp, directory)
     return directory
@@ -295,6 +297,8 @@ class RunState:
         self.save_every = getattr(args, "save_every", None) if args is not None else None
         self.pending = None  # (epoch, position, partial sums, rng) of a mid-epoch resume
         self.ema = None  # smarter_fast.ema.WeightEma with --ema: saved with `last`
+        self.teacher = None  # smarter_fast.smart.EmaTeacher with --smart-full-bregman: the same
+        self.surgery = None  # smarter_fast.surgery.GradientSurgery: its state in trainer_state
 
     # -- resume ---------------------------------------------------------------------------------
     def load(self, state: dict) -> tuple[int, int]:
@@ -357,6 +361,8 @@ class RunState:
                 "world_size": self.dist.world(), "ranks": ranks,
                 "seed": getattr(self.args, "seed", None),
                 **({"ema": self.ema.state()} if self.ema is not None else {}),
+                **({"teacher": self.teacher.state()} if self.teacher is not None else {}),
+                **({"surgery": self.surgery.state_dict()} if self.surgery is not None else {}),
                 "args": {k: v for k, v in vars(self.args).items()} if self.args is not None else {}}
 
     def save(self, epochs_done: int, position: int, global_step: int, partial=None) -> Path | None:
@@ -364,6 +370,7 @@ class RunState:
         state = self.trainer_state(epochs_done, position, global_step, partial)
         last = self.out_dir / "checkpoints" / "last"
         if self.dist.is_main():
-            write_checkpoint(last, self.model, self.optimizer, state, ema=self.ema)
+            write_checkpoint(last, self.model, self.optimizer, state, ema=self.ema,
+                             teacher=self.teacher)
         self.dist.barrier()
         return last

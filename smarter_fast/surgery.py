@@ -168,7 +168,7 @@ class GradVac:
 
     def load_state_dict(self, sd: dict) -> None:
         self.beta = float(sd["beta"])
-        self.target = sd["target"].clone().double()
+        self.target = torch.as_tensor(sd["target"], dtype=torch.float64).clone()
 
 
 class GradientSurgery:
@@ -232,9 +232,17 @@ class GradientSurgery:
             off += n
 
     def state_dict(self) -> dict:
-        return {"method": self.method, "gradvac": self.gradvac.state_dict() if self.gradvac else None}
+        """JSON-ready (it goes into trainer_state.json): the method, GradVac's targets and the
+        generator of the pair orders."""
+        gv = self.gradvac.state_dict() if self.gradvac else None
+        return {"method": self.method, "rng": self.rng.bit_generator.state,
+                "gradvac": {"beta": gv["beta"], "target": gv["target"].tolist()} if gv else None}
 
     def load_state_dict(self, sd: dict) -> None:
+        if sd.get("method", self.method) != self.method:
+            raise ValueError(f"gradient surgery state is for {sd['method']!r}, this run uses {self.method!r}")
+        if sd.get("rng") is not None:
+            self.rng.bit_generator.state = sd["rng"]
         if self.gradvac is not None and sd.get("gradvac"):
             self.gradvac.load_state_dict(sd["gradvac"])
 

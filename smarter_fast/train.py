@@ -352,9 +352,10 @@ def _model_options(args, resume_dir) -> dict:
 
 
 # ---- checkpoints (atomic, fsynced: smarter_fast.state) ---------------------------------------------
-def save_training_checkpoint(directory: Path, model, optimizer, state: dict, ema=None) -> Path:
+def save_training_checkpoint(directory: Path, model, optimizer, state: dict, ema=None,
+                             teacher=None) -> Path:
     from .state import write_checkpoint
-    return write_checkpoint(directory, model, optimizer, state, ema=ema)
+    return write_checkpoint(directory, model, optimizer, state, ema=ema, teacher=teacher)
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -392,7 +393,7 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
     from .state import RunState
     if extras is not None and extras.surgery is not None:  # one batch of every task per step
         return extras.surgery_epoch(model, optimizer, schedule, train_data, epoch, args, device,
-                                    global_step, epoch_label, synthetic, _to, clock)
+                                    global_step, epoch_label, synthetic, _to, clock, run_state)
     rs = run_state if run_state is not None else RunState(model, optimizer, args=args)
     clock = clock or TrainingClock(None)
     exhausted = False
@@ -606,6 +607,7 @@ def run(args) -> int:
     forward = dist.wrap(model, device)  # DistributedDataParallel under torchrun
     rs = RunState(model, optimizer, out_dir, schedule.state_dict(), args, forward, device)
     ema = rs.ema = extras.ema  # --ema: the averaged weights are the ones evaluated and kept as best
+    rs.teacher, rs.surgery = extras.teacher, extras.surgery  # saved with `last` too
     if resume_dir is not None:
         state = read_state(resume_dir)
         if state.get("schedule") != schedule.state_dict():
@@ -619,6 +621,14 @@ def run(args) -> int:
         if ema is not None and not ema.load(resume_dir, state.get("ema", {}).get("updates", 0)):
             print(f"--ema: {resume_dir} holds no averaged weights; the average restarts from the "
                   f"resumed weights", flush=True)
+        if rs.teacher is not None and not rs.teacher.load(resume_dir, state.get("teacher", {}).get("updates", 0)):
+            print(f"--smart-full-bregman: {resume_dir} holds no teacher weights; the teacher "
+                  f"restarts from the resumed weights", flush=True)
+        if rs.surgery is not None and state.get("surgery"):
+            try:
+                rs.surgery.load_state_dict(state["surgery"])
+            except ValueError as e:
+                raise UsageError(f"cannot resume from {resume_dir}: {e}") from None
         if "metrics" in state:  # the rows up to the checkpoint (a killed run may have written more)
             rows = state["metrics"]
         else:  # version 1 checkpoints
@@ -684,7 +694,7 @@ def run(args) -> int:
         rs.metrics.append(row)
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rs.metrics))
         state = rs.trainer_state(epoch + 1, 0, global_step)
-        last = save_training_checkpoint(ck_dir / "last", model, optimizer, state, ema)
+        last = save_training_checkpoint(ck_dir / "last", model, optimizer, state, ema, rs.teacher)
         dist.barrier()
         if is_best and ema is not None:
             save_training_checkpoint(ck_dir / "best", ema.model, optimizer, state)

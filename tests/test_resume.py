@@ -157,3 +157,52 @@ def test_nonfinite_in_a_row_stops_and_keeps_last_good_checkpoint(tiny, tmp_path,
     from safetensors.torch import load_file
     assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
     assert len(rows(out)) == 1
+
+
+def _stop_at(monkeypatch, global_step: int):
+    """As a SIGTERM arriving during global step `global_step`: the run saves and stops after it."""
+    from smarter_fast import state as state_mod
+    real = state_mod.RunState.after_step
+
+    def after_step(self, epoch, position, n_steps, step, partial):
+        if step == global_step:
+            self.stop.signum, self.stop_now = signal.SIGTERM, True
+        return real(self, epoch, position, n_steps, step, partial)
+
+    monkeypatch.setattr(state_mod.RunState, "after_step", after_step)
+
+
+@pytest.mark.parametrize("extra", [
+    ("--smart", "off", "--grad-surgery", "gradvac"),  # GradVac's targets and pair orders
+    ("--smart", "full", "--smart-full-bregman", "--smart-full-steps", "2"),  # the EMA teacher
+], ids=["gradvac", "smart-full-bregman"])
+def test_stop_mid_epoch_then_resume_matches_uninterrupted(tiny, tmp_path, monkeypatch, extra):
+    ref = tmp_path / "ref"
+    assert main(argv(tiny, ref, *extra)) == 0
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _stop_at(m, 3)
+        assert main(argv(tiny, out, "--save-every", "2", *extra)) == 128 + signal.SIGTERM
+    state = read_state(find_last_checkpoint(out))
+    assert state["epochs_done"] == 0 and state["global_step"] == 3
+    assert main(argv(tiny, out, "--resume", *extra)) == 0
+    assert comparable(out) == comparable(ref)
+
+
+def test_surgery_skips_nonfinite_steps_and_counts_them_in_a_row(tiny, tmp_path, monkeypatch, capsys):
+    from smarter_fast import losses
+    real, calls = losses.LOSSES["sst"], {"n": 0}
+
+    def every_other(out, labels):  # every second surgery step gets a NaN SST loss
+        calls["n"] += 1
+        loss = real(out, labels)
+        return loss * float("nan") if calls["n"] % 2 == 0 else loss
+
+    monkeypatch.setitem(losses.LOSSES, "sst", every_other)
+    out = tmp_path / "nan"
+    # never two in a row: --max-nonfinite 2 must not stop the run
+    assert main(argv(tiny, out, "--smart", "off", "--epochs", "1", "--grad-surgery", "pcgrad",
+                     "--max-nonfinite", "2")) == 0
+    r = rows(out)[0]
+    assert r["nonfinite_skipped"] == calls["n"] // 2 > 0
+    assert math.isfinite(r["train_loss_sst"])

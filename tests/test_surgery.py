@@ -174,3 +174,12 @@ def test_surgery_non_finite_gradient_leaves_gradvac_targets_alone():
     torch.testing.assert_close(s.gradvac.target, torch.full((2, 2), 0.25, dtype=torch.float64))
     got = torch.cat([p.grad.reshape(-1) for p in model.bert.parameters()])
     assert not torch.isfinite(got).all()  # the trainer's check sees it and skips the step
+
+
+def test_surgery_refuses_torchrun(monkeypatch, capsys):
+    from smarter_fast.train import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["--grad-surgery", "pcgrad", "--epochs", "1"])
+    assert e.value.code == 2
+    assert "--grad-surgery runs in one process" in capsys.readouterr().err
