@@ -114,12 +114,12 @@ def limited_data(src: Path, dst: Path, train_limit, dev_limit: int) -> Path:
     for split, keep in (("train", train_limit), ("dev", dev_limit)):
         for task_files in files.values():
             path = Path(task_files[split])
-            with open(path, encoding="utf-8", newline="") as f:
+            with open(path, "rb") as f:  # bytes: a bad UTF-8 row is the readers' to report
                 lines = f.readlines()
             if keep is not None:
                 lines = lines[:1 + keep]
-            with open(dst / path.name, "w", encoding="utf-8", newline="") as f:
-                f.write("".join(lines))
+            with open(dst / path.name, "wb") as f:
+                f.write(b"".join(lines))
     return dst
 
 
@@ -134,15 +134,32 @@ def train_argv(args, extra: list[str], out: Path) -> list[str]:
     return argv + args.train_args.split() + extra
 
 
-def run_config(name: str, argv: list[str], out: Path, use_subprocess: bool) -> dict:
-    """Train one configuration (resuming a started one); returns its done record."""
-    out.mkdir(parents=True, exist_ok=True)
-    done = out / "ablate_done.json"
-    if done.is_file():
-        rec = json.loads(done.read_text())
-        if rec.get("argv") == argv and rec.get("rc") == 0:
+def run_config(name: str, argv: list[str], out: Path, use_subprocess: bool,
+               data: dict | None = None) -> dict:
+    """Train one configuration; returns its record. `data` says which data it trains and is
+    evaluated on (the source directory and --dev-limit: the --data-dir in argv may be the same
+    _data copy for different limits). A configuration finished with the same argv and data is
+    skipped; one started with them is resumed; one started or finished with other settings is
+    moved aside (OUT/<name>.replaced-<time>, said on the console) and trained afresh."""
+    key = {"argv": argv, "data": data or {}}
+    started = out / "ablate_started.json"
+    for record in (out / "ablate_done.json", started):
+        if not record.is_file():
+            continue
+        rec = json.loads(record.read_text())
+        same = rec.get("argv") == argv and rec.get("data", {}) == key["data"]
+        if same and record.name == "ablate_done.json" and rec.get("rc") == 0:
             print(f"[{name}] done already, skipped", flush=True)
             return rec
+        if not same:
+            aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            out.rename(aside)
+            print(f"[{name}] its settings changed since the earlier run; that run's outputs are "
+                  f"now in {aside}; training afresh", flush=True)
+        break
+    out.mkdir(parents=True, exist_ok=True)
+    if not started.is_file():
+        started.write_text(json.dumps(key, indent=2) + "\n")
     full = argv + ["--resume"]
     t0 = time.time()
     log = out / "train.log"
@@ -153,7 +170,7 @@ def run_config(name: str, argv: list[str], out: Path, use_subprocess: bool) -> d
                                  stderr=subprocess.STDOUT)
     else:
         from .train import main as train_main
-        with open(log, "a") as f, contextlib.redirect_stdout(f):
+        with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
             try:
                 rc = train_main(full)
             except SystemExit as e:
@@ -161,9 +178,9 @@ def run_config(name: str, argv: list[str], out: Path, use_subprocess: bool) -> d
             except Exception as e:  # noqa: BLE001 - one failed configuration must not stop the rest
                 print(f"error: {type(e).__name__}: {e}", file=f)
                 rc = 1
-    rec = {"name": name, "argv": argv, "rc": rc, "wall_seconds": time.time() - t0}
+    rec = {"name": name, **key, "rc": rc, "wall_seconds": time.time() - t0}
     if rc == 0:
-        done.write_text(json.dumps(rec, indent=2) + "\n")
+        (out / "ablate_done.json").write_text(json.dumps(rec, indent=2) + "\n")
     tail = "" if rc == 0 else f" FAILED (rc {rc}); see {log}"
     print(f"[{name}] {rec['wall_seconds']:.0f}s{tail}", flush=True)
     return rec
@@ -283,7 +300,10 @@ def sst_error_analysis(data_dir, run_dir: Path, n_cells: int = 3, n_examples: in
 
 def write_report(args, out: Path, names, records: dict) -> Path:
     from .report import atomic_write_text, plot_confusion_matrix
-    table = summarise(out, names)
+    # a configuration that failed in this session counts as missing, whatever an earlier run left
+    failed = {n for n, r in records.items() if r.get("rc") not in (None, 0)}
+    table = [{"name": t["name"], "missing": True} if t["name"] in failed else t
+             for t in summarise(out, names)]
     args_of = {n: a for n, _, a in CONFIGS}
     lines = [f"# Ablation report", "",
              f"Data: `{args.data_dir}`; "
@@ -340,6 +360,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    data = {"source": str(Path(args.data_dir).resolve()), "dev_limit": args.dev_limit}
     if args.dev_limit is not None:
         args.data_dir = str(limited_data(Path(args.data_dir), out / "_data", args.limit, args.dev_limit))
         print(f"data: first {args.dev_limit} dev rows per task (copy in {args.data_dir})", flush=True)
@@ -348,12 +369,13 @@ def main(argv=None) -> int:
     if args.jobs > 1:  # one subprocess per configuration, --jobs at a time
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {n: pool.submit(run_config, n, train_argv(args, extra[n], out / n), out / n, True)
-                       for n in names}
+            futures = {n: pool.submit(run_config, n, train_argv(args, extra[n], out / n), out / n, True,
+                                      data) for n in names}
             records = {n: f.result() for n, f in futures.items()}
     else:
         for name in names:
-            records[name] = run_config(name, train_argv(args, extra[name], out / name), out / name, args.subprocess)
+            records[name] = run_config(name, train_argv(args, extra[name], out / name), out / name,
+                                       args.subprocess, data)
             if records[name]["rc"] >= 128:  # the trainer was stopped by a signal (it saved): stop too
                 print(f"stopped during {name}; run again to resume", file=sys.stderr)
                 return records[name]["rc"]

@@ -356,6 +356,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.max_length is not None and not 8 <= args.max_length <= 512:  # as the trainer's
+        p.error(f"--max-length must be in [8, 512] (BERT position embeddings), got {args.max_length}")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     from .model import MultitaskBert

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .data.cs224n import DataError, find_data_files, load_cs224n
-from .data.schedules import SCHEDULES, TASK_ORDER, Schedule, resolve_split_parts
+from .data.schedules import SAMPLERS, SCHEDULES, TASK_ORDER, Schedule, resolve_split_parts
 from .precision import PRECISIONS, resolve_precision
 from .recipes import RECIPES, format_settings, recipe_defaults
 from .recipes import describe as describe_recipe
@@ -235,8 +235,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-length must be >= 8, got {args.max_length}")
     if args.max_length > 512:
         p.error(f"--max-length must be <= 512 (BERT position embeddings), got {args.max_length}")
-    if args.schedule == "baseline" and args.split_parts not in ("auto", 1):
-        log.warning("--split-parts is ignored by --schedule baseline")
+    if args.schedule not in ("split1", "split2") and args.split_parts not in ("auto", 1):
+        log.warning(f"--split-parts is ignored by --schedule {args.schedule}")
+    if args.schedule in SAMPLERS and args.interleave:
+        log.warning(f"--interleave is ignored by --schedule {args.schedule}: its sampler already "
+                    f"interleaves the tasks' batches")
     if args.backend is None:
         args.backend = os.environ.get("SMARTER_FAST_BACKEND", "auto") or "auto"
         if args.backend not in ("auto", "ref", "cpp", "triton"):

@@ -62,3 +62,62 @@ def test_recipe_search_group_with_time_budget_and_parallel_jobs(tiny, tmp_path, 
         log = (out / name / "train.log").read_text()
         assert "time budget of 0.003 min spent" in log
     assert "--recipe minilm-cpu --pair-features bi" in report
+
+
+def _argv(tiny, out, *extra):
+    ckpt, data = tiny
+    return ["--data-dir", str(data), "--pretrained", str(ckpt), "--out", str(out), "--epochs", "1",
+            "--batch-size", "4", "--lr", "1e-3", "--max-length", "48", "--num-threads", "1",
+            "--only", "baseline", *extra]
+
+
+def test_restart_with_other_settings_trains_afresh_and_keeps_the_old_outputs(tiny, tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main(_argv(tiny, out, "--dev-limit", "4")) == 0
+    assert len((out / "baseline" / "predictions" / "sst-dev-output.csv").read_text().splitlines()) == 1 + 4
+    capsys.readouterr()
+    # another --dev-limit: the same argv (--data-dir is the _data copy), other data
+    assert main(_argv(tiny, out, "--dev-limit", "6")) == 0
+    said = capsys.readouterr().out
+    assert "done already" not in said and "training afresh" in said
+    assert len((out / "baseline" / "predictions" / "sst-dev-output.csv").read_text().splitlines()) == 1 + 6
+    old = list(tmp_path.glob("abl/baseline.replaced-*"))
+    assert len(old) == 1 and (old[0] / "metrics.jsonl").is_file()
+    # the same settings again: skipped
+    assert main(_argv(tiny, out, "--dev-limit", "6")) == 0
+    assert "done already, skipped" in capsys.readouterr().out
+
+
+def test_failed_configuration_is_reported_failed_with_its_error_in_its_log(tiny, tmp_path, monkeypatch):
+    import smarter_fast.train as train
+    out = tmp_path / "abl"
+    assert main(_argv(tiny, out)) == 0  # a finished run whose rows stay on disk
+
+    def broken(argv):
+        print("error: something went wrong", file=__import__("sys").stderr)
+        return 2
+
+    monkeypatch.setattr(train, "main", broken)
+    assert main(_argv(tiny, out, "--limit", "9")) == 1  # other settings: retrained, and it fails
+    report = (out / "report.md").read_text()
+    assert "| baseline |" in report and "failed (rc 2)" in report
+    assert "error: something went wrong" in (out / "baseline" / "train.log").read_text()
+
+
+def test_dev_limit_copies_rows_as_bytes(tmp_path):
+    from smarter_fast.ablate import limited_data
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"ids-sst-train.csv": "id\tsentence\tsentiment\n", "ids-sst-dev.csv": "id\tsentence\tsentiment\n",
+             "quora-train.csv": "id\tsentence1\tsentence2\tis_duplicate\n",
+             "quora-dev.csv": "id\tsentence1\tsentence2\tis_duplicate\n",
+             "sts-train.csv": "id\tsentence1\tsentence2\tsimilarity\n",
+             "sts-dev.csv": "id\tsentence1\tsentence2\tsimilarity\n"}
+    for name, header in files.items():
+        rows = [f"{i}\tgood row {i}\t{i % 2}\n".encode() for i in range(4)]
+        rows[1] = b"1\tbad \xff byte\t0\n"  # invalid UTF-8: the readers skip it, with its line
+        (src / name).write_bytes(header.encode() + b"".join(rows))
+    dst = limited_data(src, tmp_path / "dst", None, 2)
+    assert (dst / "ids-sst-dev.csv").read_bytes() == (src / "ids-sst-dev.csv").read_bytes().splitlines(True)[0] \
+        + b"".join((src / "ids-sst-dev.csv").read_bytes().splitlines(True)[1:3])
+    assert (dst / "quora-train.csv").read_bytes() == (src / "quora-train.csv").read_bytes()

@@ -93,3 +93,12 @@ def test_batched_outputs_keep_example_order():
         single = [model.predict_similarity(**{k: v for k, v in data.batch([i]).items() if k != "labels"}).item()
                   for i in range(len(ex))]
     np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", ["0", "3", "600", "-1"])
+def test_evaluate_rejects_a_max_length_outside_8_to_512(tmp_path, capsys, length):
+    from smarter_fast.evaluate import main as evaluate_main
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--checkpoint", str(tmp_path), "--data-dir", str(tmp_path), "--max-length", length])
+    assert e.value.code == 2
+    assert "--max-length must be in [8, 512]" in capsys.readouterr().err

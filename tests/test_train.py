@@ -226,3 +226,15 @@ def test_ensemble_splits_the_time_budget(tiny, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert stdout.count("time budget of 1e-05 min spent") == 2
     assert all(rows(out / f"member{i}")[0]["budget_exhausted"] for i in (1, 2))
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (["--schedule", "proportional", "--split-parts", "3"], "--split-parts is ignored by --schedule proportional"),
+    (["--schedule", "sqrt", "--interleave"], "--interleave is ignored by --schedule sqrt"),
+    (["--schedule", "baseline", "--split-parts", "3"], "--split-parts is ignored by --schedule baseline"),
+])
+def test_flags_a_schedule_ignores_are_warned_about(flags, warning, caplog):
+    from smarter_fast.train import parse_args
+    with caplog.at_level("WARNING"):
+        parse_args(["--epochs", "1", *flags])
+    assert warning in caplog.text
