@@ -147,7 +147,8 @@ def run_config(name: str, argv: list[str], out: Path, use_subprocess: bool,
         if not record.is_file():
             continue
         rec = json.loads(record.read_text())
-        same = rec.get("argv") == argv and rec.get("data", {}) == key["data"]
+        # records written before the data key existed compare by argv alone
+        same = rec.get("argv") == argv and rec.get("data", key["data"]) == key["data"]
         if same and record.name == "ablate_done.json" and rec.get("rc") == 0:
             print(f"[{name}] done already, skipped", flush=True)
             return rec
