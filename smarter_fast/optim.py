@@ -48,6 +48,7 @@ copies them into the flat buffers so every view stays valid.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -57,19 +58,19 @@ from .ops.registry import BACKEND_NAMES
 
 def _check_hparams(lr, betas, eps, weight_decay, backend) -> None:
     lr_value = float(lr) if torch.is_tensor(lr) else lr
-    if not (isinstance(lr_value, (int, float)) and lr_value >= 0.0):
+    if not (isinstance(lr_value, numbers.Real) and lr_value >= 0.0):
         raise ValueError(f"Invalid learning rate: {lr!r} (must be a number >= 0)")
     try:
         beta1, beta2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))") from None
     for i, b in enumerate((beta1, beta2)):
-        if not (isinstance(b, (int, float)) and 0.0 <= b < 1.0):
+        if not (isinstance(b, numbers.Real) and 0.0 <= b < 1.0):
             raise ValueError(f"Invalid beta parameter at index {i}: {b!r} "
                              f"(must be in [0, 1))")
-    if not (isinstance(eps, (int, float)) and eps >= 0.0):
+    if not (isinstance(eps, numbers.Real) and eps >= 0.0):
         raise ValueError(f"Invalid epsilon value: {eps!r} (must be >= 0)")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0.0):
+    if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0.0):
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (must be >= 0)")
     if backend is not None and backend != "auto" and backend not in BACKEND_NAMES:
         raise ValueError(f"Invalid backend: {backend!r} "
@@ -161,8 +162,10 @@ class AdamW(torch.optim.Optimizer):
                  weight_decay: float = 0.0, correct_bias: bool = True, backend: str = "auto"):
         _check_hparams(lr, betas, eps, weight_decay, backend)
         self._layouts: list[_Layout] = []
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias, backend=backend)
+        # numpy scalars become Python floats: state_dict() must load with weights_only=True
+        lr = lr if torch.is_tensor(lr) else float(lr)
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=float(eps),
+                        weight_decay=float(weight_decay), correct_bias=correct_bias, backend=backend)
         super().__init__(params, defaults)
 
     def __setstate__(self, state):

@@ -547,3 +547,21 @@ def test_second_optimizer_over_the_same_model_keeps_the_fused_path(backend):
     _train(ref_model, RefAdamW(ref_model.parameters(), 1e-2, 0.0), batches[2:])
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert rel_err(p, q) <= 1e-5
+
+
+def test_adamw_takes_numpy_hyperparameters_and_saves_plain_floats():
+    import io
+
+    import numpy as np
+
+    from smarter_fast.optim import AdamW
+    lin = torch.nn.Linear(5, 3)
+    opt = AdamW(lin.parameters(), lr=np.float32(1e-3), betas=(np.float32(0.9), np.float64(0.999)),
+                eps=np.float32(1e-6), weight_decay=np.float64(0.01))
+    lin(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    group = torch.load(buf, weights_only=True)["param_groups"][0]
+    assert isinstance(group["lr"], float) and all(isinstance(b, float) for b in group["betas"])

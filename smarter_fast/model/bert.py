@@ -28,6 +28,9 @@ _FUSED_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approxima
                       "relu": F.relu}
 
 
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string"}
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -45,6 +48,11 @@ class BertConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a config.json value of the wrong type, by name
+            value = getattr(self, f.name)
+            expected = {"int": (int,), "float": (int, float), "str": (str,)}[f.type]
+            if not isinstance(value, expected) or isinstance(value, bool):
+                raise ValueError(f"{f.name} must be {_TYPE_WORDS[f.type]}, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")

@@ -118,6 +118,8 @@ def read_config(directory) -> BertConfig:
         d = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object (the model config), got a {type(d).__name__}")
     model_type, archs = d.get("model_type"), d.get("architectures") or []
     if model_type not in (None, "bert") or (archs and not any(a.startswith("Bert") for a in archs)):
         raise ValueError(f"{file}: not a BERT checkpoint (model_type={model_type!r}, "
@@ -158,10 +160,14 @@ def read_weights(directory) -> tuple[dict, Path]:
     for name in WEIGHT_FILES:
         file = directory / name
         if file.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                return load_file(str(file)), file
-            return torch.load(file, map_location="cpu", weights_only=True), file
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+                    return load_file(str(file)), file
+                return torch.load(file, map_location="cpu", weights_only=True), file
+            except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip errors alike
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"{file}: cannot read the weights ({first})") from e
     raise FileNotFoundError(f"no weights in {directory}: expected {' or '.join(WEIGHT_FILES)}")
 
 

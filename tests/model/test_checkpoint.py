@@ -210,3 +210,25 @@ def test_multitask_heads_saved_and_reloaded(small_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.warns(UserWarning, match="sentiment.weight"):  # a bare encoder ignores heads
         BertModel.from_pretrained(tmp_path / "mt")
+
+
+@pytest.mark.parametrize("config,message", [
+    ("[1, 2]", "expected a JSON object (the model config), got a list"),
+    ('{"hidden_size": "16", "num_attention_heads": 2}', "hidden_size must be an integer, got '16'"),
+    ('{"layer_norm_eps": true}', "layer_norm_eps must be a number, got True"),
+])
+def test_bad_config_values_name_the_file_and_field(tmp_path, config, message):
+    from smarter_fast.model.checkpoint import read_config
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError) as e:
+        read_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value) and message in str(e.value)
+
+
+@pytest.mark.parametrize("name,content", [("model.safetensors", b"garbage"), ("model.safetensors", b""),
+                                          ("pytorch_model.bin", b"not a pickle")])
+def test_unreadable_weights_name_the_file(tmp_path, name, content):
+    from smarter_fast.model.checkpoint import read_weights
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"{name}: cannot read the weights"):
+        read_weights(tmp_path)

@@ -104,3 +104,18 @@ def test_opcheck_adamw_with_copy(skip_unless_cpp):
     args = (torch.randn(37), torch.randn(37), torch.zeros(37), torch.zeros(37),
             1e-3, 0.9, 0.999, 1e-6, 0.01, 1, True, torch.zeros(20, dtype=torch.bfloat16), 9)
     torch.library.opcheck(torch.ops.smarter_fast.adamw_step_.default, args)
+
+
+@pytest.mark.parametrize("backend", ["ref", "cpp"])
+def test_adamw_step_rejects_a_gradient_of_another_shape_and_step_0(backend):
+    from smarter_fast.ops import adamw_step_
+    p = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="grad has shape \\(3,\\), param \\(4, 3\\)"):
+        adamw_step_(p, torch.randn(3), torch.zeros(4, 3), torch.zeros(4, 3), lr=1e-3, step=1,
+                    backend=backend)
+    with pytest.raises(ValueError, match="exp_avg_sq has shape"):
+        adamw_step_(p, torch.randn(4, 3), torch.zeros(4, 3), torch.zeros(12), lr=1e-3, step=1,
+                    backend=backend)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        adamw_step_(p, torch.randn(4, 3), torch.zeros(4, 3), torch.zeros(4, 3), lr=1e-3, step=0,
+                    backend=backend)

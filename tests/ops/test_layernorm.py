@@ -202,3 +202,18 @@ def test_python_entry_point_grads_match_registered_autograd(p, skip_unless_cpp):
     for a, c in ((x, x2), (h, h2), (w, w2), (b, b2)):
         assert a.grad.dtype == c.grad.dtype
         assert torch.equal(a.grad, c.grad)
+
+
+def test_layernorm_auto_takes_the_reference_for_bf16_parameters():
+    from smarter_fast.model.bert import BertConfig, BertModel
+    from smarter_fast.ops import dropout_add_layer_norm
+    g = torch.Generator().manual_seed(0)
+    x, h = (torch.randn(3, 7, 16, generator=g).bfloat16() for _ in range(2))
+    w, b = torch.randn(16, generator=g).bfloat16(), torch.randn(16, generator=g).bfloat16()
+    got = dropout_add_layer_norm(x, h, w, b, 1e-12, backend="auto")
+    want = dropout_add_layer_norm(x, h, w, b, 1e-12, backend="ref")
+    torch.testing.assert_close(got, want)
+    cfg = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16)
+    out = BertModel(cfg).to(torch.bfloat16).eval()(torch.randint(1, 30, (2, 5)))
+    assert out["pooler_output"].dtype == torch.bfloat16

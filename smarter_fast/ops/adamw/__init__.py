@@ -25,6 +25,12 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     `copy` (optional, contiguous bfloat16): also set copy[j] = updated param.flatten()[copy_offset
     + j] cast as torch casts (round to nearest even). The C++ kernel writes it in the same pass,
     saving the separate cast's read of param; the other backends cast after the update."""
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.shape != param.shape:  # the reference would broadcast silently
+            raise ValueError(f"adamw_step_: {name} has shape {tuple(t.shape)}, param "
+                             f"{tuple(param.shape)}; they must be the same")
+    if int(step) < 1:
+        raise ValueError(f"adamw_step_: step counts from 1, got {step}")
     if copy is not None:
         _check_copy(param, copy, copy_offset)
     impl = ADAMW.select(backend, (param, grad, exp_avg, exp_avg_sq))

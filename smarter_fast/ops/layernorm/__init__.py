@@ -8,7 +8,8 @@ from . import cpp, ref
 
 DROPOUT_ADD_LAYER_NORM = op("dropout_add_layer_norm")
 DROPOUT_ADD_LAYER_NORM.register(Backend("cpp", cpp.dropout_add_layer_norm, cpu_only,
-                                        (torch.float32, torch.bfloat16), cpp.availability))
+                                        (torch.float32, torch.bfloat16), cpp.availability,
+                                        cpp.check))
 DROPOUT_ADD_LAYER_NORM.register(Backend("ref", ref.dropout_add_layer_norm, any_device,
                                         FLOAT_DTYPES, lambda: None))
 

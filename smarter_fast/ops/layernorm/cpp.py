@@ -77,6 +77,15 @@ class _Fn(torch.autograd.Function):
         return gx, gh, gw, gb, None, None, None
 
 
+def check(x, h, weight, bias, **_):
+    """Limits beyond device and dtype: x and h may be bf16, the LayerNorm parameters are fp32
+    (autocast keeps them so; a model cast to bf16 as a whole takes the reference)."""
+    if weight.dtype != torch.float32 or bias.dtype != torch.float32:
+        return [f"weight and bias must be float32, got {str(weight.dtype).replace('torch.', '')} "
+                f"and {str(bias.dtype).replace('torch.', '')}"]
+    return []
+
+
 def dropout_add_layer_norm(x, h, weight, bias, eps, dropout_p=0.0):
     seed = draw_seed() if dropout_p > 0.0 else 0
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, h, weight, bias)):
