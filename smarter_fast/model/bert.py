@@ -102,8 +102,11 @@ class BertEmbeddings(nn.Module):
     # itself: into the existing gradient when there is one (accumulation, as torch does), else
     # into a buffer this module keeps, which becomes weight.grad after re-zeroing only the rows
     # it held last time. Same values as F.embedding's backward (padding_idx rows get none).
-    # Caveat: a caller that keeps a reference to an old weight.grad across `weight.grad = None`
-    # and a new backward sees it reused (copy it, as the optimizer and gradient surgery do).
+    # Caveats: a caller that keeps a reference to an old weight.grad across `weight.grad = None`
+    # and a new backward sees it reused (copy it, as the optimizer and gradient surgery do); and
+    # a caller that writes other rows of weight.grad in place (an L2 term added to the gradient)
+    # and then sets it to None must zero it instead (zero_grad(set_to_none=False)) or set
+    # `fused_word_grad = False`: only the rows the last backward wrote are cleared.
     # Used only when a gradient is being recorded, outside torch.distributed (DDP's hooks need
     # autograd's accumulation) and when `fused_word_grad` is True.
     fused_word_grad = True
