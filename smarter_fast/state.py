@@ -331,11 +331,14 @@ class RunState:
         torch.manual_seed(seed_fn())
         return 0, None
 
-    def check_step(self, losses, where: str) -> bool:
+    def check_step(self, losses, where: str, seconds: float = 0.0) -> bool:
         """After backward: True when the step must be skipped (non-finite on any rank). Also
-        agrees across ranks on whether a stop was requested (self.stop_now)."""
+        agrees across ranks on whether a stop was requested (self.stop_now) and on the epoch's
+        training time so far (self.agreed_seconds: the slowest rank's `seconds`), which the LR
+        schedule of a --time-budget run follows."""
         bad = NonFiniteGuard.bad(losses, self.model.parameters())
-        bad_any, stop_any = self.dist.all_reduce_max([float(bad), float(self.stop.requested)], self.device)
+        bad_any, stop_any, self.agreed_seconds = self.dist.all_reduce_max(
+            [float(bad), float(self.stop.requested), float(seconds)], self.device)
         self.stop_now = stop_any > 0
         hint = (f"The last good checkpoint is in {self.out_dir / 'checkpoints' / 'last'}. "
                 if self.out_dir is not None and find_last_checkpoint(self.out_dir) else "")

@@ -237,6 +237,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-length must be <= 512 (BERT position embeddings), got {args.max_length}")
     if args.schedule not in ("split1", "split2") and args.split_parts not in ("auto", 1):
         log.warning(f"--split-parts is ignored by --schedule {args.schedule}")
+    for mode, prefix in (("simple", "smart_"), ("full", "smart_full_")):  # the other mode's flags
+        unused = [a.option_strings[0] for a in p._actions
+                  if a.dest.startswith(prefix) and (mode == "full" or not a.dest.startswith("smart_full_"))
+                  and a.dest != "smart" and getattr(args, a.dest) != a.default]
+        if unused and args.smart != mode:
+            log.warning(f"{', '.join(unused)} only apply to --smart {mode}; ignored with --smart {args.smart}")
     if args.schedule in SAMPLERS and args.interleave:
         log.warning(f"--interleave is ignored by --schedule {args.schedule}: its sampler already "
                     f"interleaves the tasks' batches")
@@ -269,6 +275,16 @@ class TrainingClock:
 
     def exhausted(self, epoch_seconds: float = 0.0) -> bool:
         return self.budget is not None and self.spent_before + epoch_seconds >= self.budget
+
+
+def budget_spent(clock: "TrainingClock", epoch_seconds: float) -> bool:
+    """clock.exhausted, decided together under torchrun (each rank's own clock differs a little:
+    one rank stopping alone would leave the others waiting in a collective)."""
+    from .distributed import all_reduce_max, world
+    spent = clock.exhausted(epoch_seconds)
+    if clock.budget is None or world() == 1:
+        return spent
+    return all_reduce_max([float(spent)])[0] > 0
 
 
 class _TqdmHandler(logging.Handler):
@@ -392,7 +408,7 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
     steps and on SIGINT/SIGTERM, and under torchrun each rank trains its shard of every global
     batch (smarter_fast.distributed)."""
     from tqdm import tqdm
-    from .distributed import all_reduce_sum, is_main, shard, world
+    from .distributed import all_reduce_max, all_reduce_sum, is_main, shard, world
     from .state import RunState
     if extras is not None and extras.surgery is not None:  # one batch of every task per step
         return extras.surgery_epoch(model, optimizer, schedule, train_data, epoch, args, device,
@@ -419,8 +435,12 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
         with rs.stop:
             for position in range(start, len(steps)):
                 task, global_indices = steps[position]
-                indices, weight = shard(global_indices)
-                batch = _to(train_data[task].batch(indices, swap=pair_swaps(args, task, global_step, len(indices))),
+                # this rank's part (positions in the global batch), and the pair orders drawn for
+                # the whole global batch, so that every world size trains the same orders
+                part, weight = shard(range(len(global_indices)))
+                indices = [global_indices[i] for i in part]
+                swaps = pair_swaps(args, task, global_step, len(global_indices))
+                batch = _to(train_data[task].batch(indices, swap=None if swaps is None else swaps[part]),
                             device)
 
                 def compute(m, task=task, batch=batch):
@@ -442,10 +462,11 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                 (total * weight if weight != 1.0 else total).backward()
                 skip = rs.check_step([loss.detach(), total.detach()],
                                      f"epoch {epoch_label}, step {position + 1}/{len(steps)} "
-                                     f"(global step {global_step + 1}, {task})")
+                                     f"(global step {global_step + 1}, {task})",
+                                     seconds=p["seconds"] + time.perf_counter() - t0)
                 if not skip:
-                    if extras is not None:  # LR schedule
-                        extras.before_step(global_step, clock.progress(p["seconds"] + time.perf_counter() - t0))
+                    if extras is not None:  # LR schedule (the epoch's time as all ranks agree)
+                        extras.before_step(global_step, clock.progress(rs.agreed_seconds))
                     optimizer.step()
                     if extras is not None:
                         extras.after_step(model)  # EMA teacher, --ema average
@@ -468,12 +489,12 @@ def train_epoch(model, optimizer, schedule: Schedule, train_data: dict, epoch: i
                                         refresh=False)
                 p_now = {**p, "seconds": p["seconds"] + time.perf_counter() - t0}
                 rs.after_step(epoch, position + 1, len(steps), global_step, p_now)
-                if clock.exhausted(p_now["seconds"]):
+                if budget_spent(clock, p_now["seconds"]):
                     exhausted = True
                     break
     finally:
         bar.close()
-    seconds = p["seconds"] + time.perf_counter() - t0
+    seconds = all_reduce_max([p["seconds"] + time.perf_counter() - t0])[0]  # the slowest rank's
     # totals over ranks (identity in one process)
     red = all_reduce_sum([sums[t] for t in TASK_ORDER] + [counts[t] for t in TASK_ORDER]
                          + [p["smart_sum"], p["smart_n"], p["seen"]])
@@ -658,14 +679,15 @@ def run(args) -> int:
                                                   "world_size": dist.world()})
     print(f"setup {time.perf_counter() - t_setup:.1f}s; device {device}, precision {args.precision}, "
           f"backend {args.backend}, lr {args.lr:g}, smart {args.smart}"
-          + (f" (sigma {args.smart_sigma}, lambda {args.smart_lambda})" if args.smart != "off" else "")
+          + (f" (sigma {args.smart_sigma}, lambda {args.smart_lambda})" if args.smart == "simple" else "")
           + f"; writing to {out_dir}", flush=True)
 
     autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
     best_in_memory = None  # (epoch, dev result) while the model in memory is the best one
     last_epoch = None
+    spent = sum(r["train_seconds"] for r in rs.metrics)  # on every rank (rows are rank 0's)
     for epoch in (range(start_epoch, args.epochs) if args.epochs else itertools.count(start_epoch)):
-        clock = TrainingClock(args.time_budget, sum(r["train_seconds"] for r in rs.metrics))
+        clock = TrainingClock(args.time_budget, spent)
         if clock.exhausted():
             break  # resumed after the budget was spent
         label = f"{epoch + 1}/{args.epochs}" if args.epochs else f"{epoch + 1}"
@@ -673,9 +695,12 @@ def run(args) -> int:
                                          device, global_step, label, synthetic, run_state=rs,
                                          extras=extras, clock=clock)
         last_epoch = epoch + 1
+        spent += stats["train_seconds"]
         if not main_rank:  # rank 0 evaluates, writes and saves; the others wait
             rs.trainer_state(epoch + 1, 0, global_step)  # (collective: RNG states for the checkpoint)
             dist.barrier()
+            if stats["budget_exhausted"]:
+                break
             continue
         t_eval = time.perf_counter()
         eval_model = ema.model if ema is not None else model

@@ -72,3 +72,38 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path, capsys):
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert not list(two.glob("**/*rank*")) and not list((two / "checkpoints").glob(".*"))
     assert (two / "predictions" / "sst-dev-output.csv").is_file()
+
+
+def _torchrun(args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "smarter_fast.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_torchrun_symmetric_pairs_train_the_same_orders_as_one_process(tiny, tmp_path, capsys):
+    """The pair orders are drawn for the global batch and sliced per rank (they were drawn per
+    shard: the weights of two ranks differed from one process by 1e-3)."""
+    from safetensors.torch import load_file
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["--smart", "off", "--pair-order", "symmetric", "--seed", "3"]
+    assert main(common(tiny, one, 8) + flags) == 0
+    capsys.readouterr()
+    p = _torchrun(common(tiny, two, 4) + flags)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_file(one / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(two / "checkpoints" / "last" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_torchrun_time_budget_stops_every_rank_together(tiny, tmp_path):
+    """Each rank's own clock used to decide alone (and ranks other than 0 forgot the time spent in
+    earlier epochs): one rank left the loop while the other waited in a collective, and gloo
+    aborted the run."""
+    out = tmp_path / "budget"
+    p = _torchrun(common(tiny, out, 4) + ["--smart", "off", "--epochs", "40", "--time-budget", "0.01",
+                                         "--lr-schedule", "linear"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= len(rows) < 40 and rows[-1]["budget_exhausted"]

@@ -238,3 +238,23 @@ def test_flags_a_schedule_ignores_are_warned_about(flags, warning, caplog):
     with caplog.at_level("WARNING"):
         parse_args(["--epochs", "1", *flags])
     assert warning in caplog.text
+
+
+@pytest.mark.parametrize("flags,warning", [
+    (["--smart", "full", "--smart-sigma", "0.5"], "--smart-sigma only apply to --smart simple; ignored with --smart full"),
+    (["--smart", "simple", "--smart-full-bregman", "--smart-full-steps", "3"],
+     "--smart-full-steps, --smart-full-bregman only apply to --smart full; ignored with --smart simple"),
+])
+def test_flags_of_the_other_smart_mode_are_warned_about(flags, warning, caplog):
+    from smarter_fast.train import parse_args
+    with caplog.at_level("WARNING"):
+        parse_args(["--epochs", "1", *flags])
+    assert warning in caplog.text
+
+
+def test_no_smart_warning_for_the_mode_in_use(caplog):
+    from smarter_fast.train import parse_args
+    with caplog.at_level("WARNING"):
+        parse_args(["--epochs", "1", "--smart", "full", "--smart-full-steps", "2"])
+        parse_args(["--epochs", "1", "--smart", "simple", "--smart-sigma", "0.1"])
+    assert "only apply to --smart" not in caplog.text
