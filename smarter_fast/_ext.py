@@ -148,7 +148,12 @@ def build(verbose: bool = False) -> ExtensionStatus:
         raise RuntimeError("ninja not found (pip install ninja)")
     variants = caps.variant_names()
     build_dir = cache_root() / "ext" / _build_key(src, variants)
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        (build_dir / ".writable").touch()
+    except OSError as e:
+        raise RuntimeError(f"cannot write the build cache {build_dir} ({e.strerror or e}); set "
+                           f"SMARTER_FAST_CACHE_DIR to a writable directory") from e
     library = build_dir / "smarter_fast_C.so"
     # One builder at a time (torchrun workers, parallel test runs share the cache). Not named
     # "lock": torch's load() uses that name for its own baton in the same directory.
@@ -171,6 +176,9 @@ def build(verbose: bool = False) -> ExtensionStatus:
             )
         except subprocess.CalledProcessError as e:
             raise RuntimeError(f"compiling the CPU kernels failed:\n{(e.output or '')[-3000:]}")
+        except OSError as e:  # a library in the cache that does not load (corrupt, foreign)
+            raise RuntimeError(f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
+                               f"delete {build_dir} to build it again") from e
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)
     if not _ops_registered():
@@ -196,12 +204,31 @@ def load() -> ExtensionStatus:
                 built = build()
                 status.loaded, status.mode, status.path = True, built.mode, built.path
             except Exception as e:  # compiler missing, build error, load error: fall back
-                status.error = f"C++ extension not built: {str(e).strip().splitlines()[0]}"
+                status.error = f"C++ extension not built: {_reason(e)}"
                 status.notes.append(str(e))
-                _say(f"{status.error}; the pure-PyTorch backend takes over "
-                     "(`python -m smarter_fast.build` shows the full log)")
+                forced = os.environ.get("SMARTER_FAST_BACKEND") == "cpp"
+                _say(f"{status.error}; "
+                     + ("SMARTER_FAST_BACKEND=cpp asks for it, so the ops will fail: unset it to "
+                        "run the pure-PyTorch backend" if forced else
+                        "the pure-PyTorch backend takes over")
+                     + " (`python -m smarter_fast.build` shows the full log)")
         _status = status
         return status
+
+
+def _reason(error: Exception) -> str:
+    """One line saying why the build failed: the error's first line, and when that is only a
+    header ("compiling ... failed:"), the log's last line naming an error."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        named = [line for line in lines[1:] if "error" in line.lower() or line.startswith("FAILED")]
+        first += " " + (named[-1] if named else lines[-1])
+    elif first.endswith(":"):
+        first += " (no compiler output)"
+    return first
 
 
 def kernel_variant() -> str | None:

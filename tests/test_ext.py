@@ -85,3 +85,45 @@ def test_prebuilt_extension_is_used(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "MODE prebuilt True" in out.stdout and "AUTO cpp" in out.stdout
     assert "compiling" not in out.stderr
+
+
+def test_failing_compiler_names_its_error_once(tmp_path):
+    """A compiler that fails used to leave an empty reason ("compiling the CPU kernels failed:")."""
+    fake = tmp_path / "bin" / "fakecxx"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'fakecxx: error: this compiler refuses' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    out = run_python(PROBE, {"SMARTER_FAST_CACHE_DIR": str(tmp_path / "cache"), "CXX": str(fake)})
+    assert out.returncode == 0, out.stderr
+    if "MODE prebuilt" in out.stdout:
+        pytest.skip("a prebuilt smarter_fast._C is installed, so no build is attempted")
+    assert "AUTO ref" in out.stdout
+    line = [x for x in out.stderr.splitlines() if "C++ extension not built" in x]
+    assert len(line) == 1 and "error" in line[0].split("failed:", 1)[1], out.stderr
+
+
+def test_unwritable_cache_says_so(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = run_python(PROBE, {"SMARTER_FAST_CACHE_DIR": str(blocker / "cache")})
+    assert out.returncode == 0, out.stderr
+    if "MODE prebuilt" in out.stdout:
+        pytest.skip("a prebuilt smarter_fast._C is installed, so no build is attempted")
+    assert "cannot write the build cache" in out.stderr and "SMARTER_FAST_CACHE_DIR" in out.stderr
+
+
+def test_backend_forced_by_the_environment_is_named(tmp_path):
+    code = """
+import torch
+from smarter_fast import ops
+try:
+    ops.smart_mse(torch.randn(3, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64))
+except ops.BackendUnavailableError as e:
+    print("RAISED", e)
+"""
+    out = run_python(code, {"SMARTER_FAST_CACHE_DIR": str(tmp_path), "CXX": "/nonexistent/c++",
+                            "SMARTER_FAST_BACKEND": "cpp"})
+    assert out.returncode == 0, out.stderr
+    assert "RAISED" in out.stdout and "(by SMARTER_FAST_BACKEND=cpp)" in out.stdout
+    if "no C++ compiler" in out.stderr:  # the build was attempted: the startup line says what follows
+        assert "SMARTER_FAST_BACKEND=cpp asks for it, so the ops will fail" in out.stderr

@@ -107,8 +107,9 @@ class Op:
             reasons = chosen.not_supported_reasons(tensors, **options)
             if reasons:
                 raise BackendUnavailableError(
-                    f"{self.name}: backend {request!r} was requested but cannot run these "
-                    f"inputs: {'; '.join(reasons)}")
+                    f"{self.name}: backend {request!r} was requested"
+                    + (f" (by {ENV_VAR}={request})" if backend in (None, "auto") else "")
+                    + f" but cannot run these inputs: {'; '.join(reasons)}")
             return chosen
         passed_over = []
         for candidate in self.ordered():
