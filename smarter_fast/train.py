@@ -223,8 +223,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     if args.recipe != "report":  # the recipe's values become the defaults; explicit flags win
-        p.set_defaults(**recipe_defaults(args.recipe))
+        defaults = recipe_defaults(args.recipe)
+        # model options the recipe alone sets: on --resume the checkpoint's own take precedence
+        from_recipe = [k for k in MODEL_OPTIONS if k in defaults and getattr(args, k) is None]
+        p.set_defaults(**defaults)
         args = p.parse_args(argv)
+        args.model_options_from_recipe = from_recipe
     from . import beyond
     beyond.check_args(args, p.error)
     if args.epochs is None and args.time_budget is None:
@@ -344,10 +348,14 @@ def _last_checkpoint(out_dir: Path) -> Path | None:
     return find_last_checkpoint(out_dir)  # `last`, or `.last.old` after a crash between renames
 
 
+MODEL_OPTIONS = ("pooling", "pair_features", "pair_order")
+
+
 def _model_options(args, resume_dir) -> dict:
     """{"pooling", "pair_features", "pair_order"} of the model to train (how pairs are encoded):
-    on --resume the checkpoint's (a different explicit flag is an error), else the flags, else
-    as saved in --pretrained, else cls / cross. Written back into args (args.json)."""
+    on --resume the checkpoint's (a different explicit flag is an error; a recipe's default
+    gives way), else the flags, else as saved in --pretrained, else cls / cross. Written back
+    into args (args.json)."""
     from .model import MultitaskBert
     src = resume_dir if resume_dir is not None else args.pretrained
     try:
@@ -355,7 +363,10 @@ def _model_options(args, resume_dir) -> dict:
             options = MultitaskBert.resolve_options(src)
             for key, value in options.items():
                 asked = getattr(args, key, None)
-                if asked is not None and asked != value:
+                if asked is not None and asked != value and key in getattr(args, "model_options_from_recipe", ()):
+                    print(f"--recipe {args.recipe}'s {key.replace('_', '-')} {asked} gives way to the "
+                          f"checkpoint's {value} on --resume", flush=True)
+                elif asked is not None and asked != value:
                     flag = "--" + key.replace("_", "-")
                     raise UsageError(f"cannot resume from {resume_dir} with {flag} {asked}: it "
                                      f"was trained with {flag} {value}")

@@ -258,3 +258,20 @@ def test_no_smart_warning_for_the_mode_in_use(caplog):
         parse_args(["--epochs", "1", "--smart", "full", "--smart-full-steps", "2"])
         parse_args(["--epochs", "1", "--smart", "simple", "--smart-sigma", "0.1"])
     assert "only apply to --smart" not in caplog.text
+
+
+def test_resume_keeps_model_options_that_the_recipe_only_defaulted(tiny, tmp_path, capsys):
+    """A run made with --recipe minilm-cpu --pooling cls resumed with --recipe minilm-cpu: the
+    recipe's pooling (mean) used to count as an explicit flag and refuse the resume."""
+    out = tmp_path / "run"
+    assert run(tiny, out, "--recipe", "minilm-cpu", "--pooling", "cls", "--epochs", "1",
+               "--precision", "fp32") == 0
+    capsys.readouterr()
+    assert run(tiny, out, "--recipe", "minilm-cpu", "--epochs", "2", "--precision", "fp32",
+               "--resume") == 0
+    said = capsys.readouterr().out
+    assert "pooling mean gives way to the checkpoint's cls" in said
+    assert json.loads((out / "args.json").read_text())["pooling"] == "cls"
+    # an explicit flag that contradicts the checkpoint is still refused
+    assert run(tiny, out, "--recipe", "minilm-cpu", "--pooling", "mean", "--epochs", "3",
+               "--precision", "fp32", "--resume") == 2
