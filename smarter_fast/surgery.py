@@ -59,6 +59,12 @@ def _weighted_sum(grads: torch.Tensor, weights, out: torch.Tensor | None = None)
     return out
 
 
+def _apply_weights(grads: torch.Tensor, A: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(combined (D,), rows (T, D)) of the rows sum_k A[i, k] g_k."""
+    rows = torch.from_numpy(A).to(grads.dtype).to(grads.device) @ grads
+    return _weighted_sum(grads, A.sum(0)), rows
+
+
 def pcgrad_weights(gram_matrix, rng: np.random.Generator) -> np.ndarray:
     """PCGrad on gradients given by their Gram matrix: A (T, T) float64 with projected g_i =
     sum_k A[i, k] g_k. Each projection changes g_i by a multiple of one original g_j, so every
@@ -80,9 +86,7 @@ def pcgrad(grads: torch.Tensor, rng: np.random.Generator | None = None) -> tuple
     """grads (T, D) -> (combined (D,), projected (T, D)), through pcgrad_weights (dot products in
     float64 from gram())."""
     rng = rng or np.random.default_rng(0)
-    A = torch.from_numpy(pcgrad_weights(gram(grads).cpu().numpy(), rng))
-    projected = A.to(grads.dtype).to(grads.device) @ grads
-    return _weighted_sum(grads, A.sum(0)), projected
+    return _apply_weights(grads, pcgrad_weights(gram(grads).cpu().numpy(), rng))
 
 
 def pcgrad_reference(grads: torch.Tensor, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,9 +138,7 @@ class GradVac:
     def __call__(self, grads: torch.Tensor, rng: np.random.Generator | None = None):
         """grads (T, D) -> (combined (D,), adjusted (T, D)); updates the targets."""
         rng = rng or np.random.default_rng(0)
-        A = torch.from_numpy(self.weights(gram(grads).cpu().numpy(), rng))
-        adjusted = A.to(grads.dtype).to(grads.device) @ grads
-        return _weighted_sum(grads, A.sum(0)), adjusted
+        return _apply_weights(grads, self.weights(gram(grads).cpu().numpy(), rng))
 
     def reference(self, grads: torch.Tensor, rng: np.random.Generator | None = None):
         """GradVac on the D-vectors themselves (float64 norms and dot products), as __call__

@@ -241,10 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max-length must be <= 512 (BERT position embeddings), got {args.max_length}")
     if args.schedule not in ("split1", "split2") and args.split_parts not in ("auto", 1):
         log.warning(f"--split-parts is ignored by --schedule {args.schedule}")
-    for mode, prefix in (("simple", "smart_"), ("full", "smart_full_")):  # the other mode's flags
+    for mode in ("simple", "full"):  # flags of the SMART mode not in use
         unused = [a.option_strings[0] for a in p._actions
-                  if a.dest.startswith(prefix) and (mode == "full" or not a.dest.startswith("smart_full_"))
-                  and a.dest != "smart" and getattr(args, a.dest) != a.default]
+                  if (a.dest.startswith("smart_full_") if mode == "full" else a.dest in ("smart_sigma", "smart_lambda"))
+                  and getattr(args, a.dest) != a.default]
         if unused and args.smart != mode:
             log.warning(f"{', '.join(unused)} only apply to --smart {mode}; ignored with --smart {args.smart}")
     if args.schedule in SAMPLERS and args.interleave:

@@ -49,6 +49,15 @@ def _grads(model):
     return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
 
 
+def _assert_same_grads(got: dict, want: dict) -> None:
+    """Per parameter name: None on both sides, or equal within 1e-5."""
+    for n, g in want.items():
+        if g is None:
+            assert got[n] is None, n
+        else:
+            torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.parametrize("task", ["sst", "quora"])
 def test_smart_full_gradients_equal_plain_autograd(monkeypatch, task):
     """The adversarial ascent's torch.autograd.grad(inner, delta) must not write the inner loss's
@@ -65,11 +74,7 @@ def test_smart_full_gradients_equal_plain_autograd(monkeypatch, task):
         _run(model, fused, monkeypatch, step)
         out[fused] = _grads(model)
     assert out[True]["bert.layers.0.qkv.weight"] is not None
-    for n, g in out[False].items():
-        if g is None:  # the other tasks' heads
-            assert out[True][n] is None, n
-        else:
-            torch.testing.assert_close(out[True][n], g, rtol=1e-5, atol=1e-7, msg=n)
+    _assert_same_grads(out[True], out[False])  # None for the other tasks' heads
 
 
 def test_autograd_grad_of_embedding_output_leaves_parameter_grads_alone(monkeypatch):
@@ -97,11 +102,7 @@ def test_autograd_grad_of_parameters_returns_them(monkeypatch):
             return dict(zip(names, torch.autograd.grad(y.pow(2).sum(), params, allow_unused=True)))
         got[fused] = _run(model, fused, monkeypatch, grad_of_params)
         assert all(p.grad is None for p in model.parameters())
-    for n, g in got[False].items():
-        if g is None:
-            assert got[True][n] is None, n
-        else:
-            torch.testing.assert_close(got[True][n], g, rtol=1e-5, atol=1e-7, msg=n)
+    _assert_same_grads(got[True], got[False])
 
 
 def test_backward_with_inputs_fills_only_those(monkeypatch):
