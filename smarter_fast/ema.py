@@ -3,26 +3,20 @@
 After every optimizer step: ema <- d * ema + (1 - d) * weights with d = min(DECAY, (1 + n) / (10 + n))
 after n updates (the warm-up of tf.train.ExponentialMovingAverage, so the first steps are not
 dominated by the pretrained weights). Dev evaluation, `checkpoints/best` and the predictions use the
-averaged weights; training goes on from the raw ones. The average is saved beside the raw weights in
-`checkpoints/last` (`ema.safetensors`, the update count in trainer_state.json) so --resume keeps it.
+averaged weights; training goes on from the raw ones. The average and its update count are part of
+the training checkpoint (`state_dict`), so --resume keeps it.
 Cost: one in-place lerp over the parameters per step (three streams of 4 bytes per parameter).
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-
 import torch
-
-EMA_FILE = "ema.safetensors"
 
 
 class WeightEma:
     """A frozen eval-mode copy of `model` whose weights follow the moving average. warmup=False
     uses DECAY from the first update (the Bregman teacher of full SMART, smarter_fast.smart)."""
-
-    file = EMA_FILE  # its weights' file in a checkpoint directory
 
     def __init__(self, model, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
@@ -46,21 +40,9 @@ class WeightEma:
         self.updates += 1
         torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
 
-    def save(self, directory) -> None:
-        from safetensors.torch import save_file
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  str(Path(directory) / self.file))
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "weights": self.model.state_dict()}
 
-    def load(self, directory, updates: int) -> bool:
-        """Restore the average saved in a checkpoint directory; False when it has none."""
-        file = Path(directory) / self.file
-        if not file.is_file():
-            return False
-        from safetensors.torch import load_file
-        device = next(self.model.parameters()).device
-        self.model.load_state_dict({k: v.to(device) for k, v in load_file(str(file)).items()})
-        self.updates = int(updates)
-        return True
-
-    def state(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates}
+    def load_state_dict(self, sd: dict) -> None:
+        self.decay, self.updates = float(sd["decay"]), int(sd["updates"])
+        self.model.load_state_dict(sd["weights"])

@@ -168,37 +168,43 @@ class Ensemble:
 
 
 def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
-                  autocast_dtype=None, orders: bool = False):
+                  autocast_dtype=None, orders: bool = False, sharded: bool = False):
     """Raw model outputs for every example, in example order: (N, 5) SST logits, (N,) Quora
     logits, (N,) STS scores. Batches are cut from the examples sorted by length.
     For a model with pair_order "symmetric", pair outputs are the mean over both orders;
     orders=True returns (outputs, outputs of the given order alone) instead. An Ensemble gives
     the mean over its members."""
     if isinstance(model, Ensemble):
-        outs = [model_outputs(m, data, batch_size, device, autocast_dtype, orders=True)
+        outs = [model_outputs(m, data, batch_size, device, autocast_dtype, orders=True, sharded=sharded)
                 for m in model.models]
         mean = np.mean([o[0] for o in outs], axis=0).astype(np.float32)
         given = np.mean([o[1] for o in outs], axis=0).astype(np.float32)
         return (mean, given) if orders else mean
     _check_layout(model, data)
     if _symmetric(model) and data.task != "sst":
-        given = _outputs(model, data, batch_size, device, autocast_dtype, swap=False)
-        swapped = _outputs(model, data, batch_size, device, autocast_dtype, swap=True)
+        given = _outputs(model, data, batch_size, device, autocast_dtype, False, sharded)
+        swapped = _outputs(model, data, batch_size, device, autocast_dtype, True, sharded)
         mean = (given + swapped) / 2
         return (mean, given) if orders else mean
-    out = _outputs(model, data, batch_size, device, autocast_dtype, swap=None)
+    out = _outputs(model, data, batch_size, device, autocast_dtype, None, sharded)
     return (out, out) if orders else out
 
 
-def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap) -> np.ndarray:
+def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap, sharded=False) -> np.ndarray:
+    """sharded: under torchrun every rank runs every world-th batch and the outputs are gathered
+    (the same batches as in one process, so the same outputs)."""
+    from . import distributed
     was_training = model.training
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
     outs = [None] * len(order)
     head = HEAD_OF[data.task]
+    rank, world = (distributed.rank(), distributed.world()) if sharded else (0, 1)
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
+            for k, start in enumerate(range(0, len(order), batch_size)):
+                if k % world != rank:
+                    continue
                 idx = order[start:start + batch_size]
                 b = data.batch(idx, swap=swap)
                 type_ids = b["token_type_ids"].to(device) if data.task != "sst" else None
@@ -210,6 +216,11 @@ def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap)
                     outs[i] = y[k]
     finally:
         model.train(was_training)
+    if world > 1:
+        mine = {int(i): o for i, o in enumerate(outs) if o is not None}
+        for part in distributed.all_gather_object(mine):
+            for i, o in part.items():
+                outs[i] = o
     if not outs:
         return np.zeros((0, N_SST) if data.task == "sst" else (0,), dtype=np.float32)
     return np.stack(outs)
@@ -273,10 +284,12 @@ def compute_metrics(preds: dict, gold: dict) -> dict:
 
 
 def evaluate_dev(model, dev: dict[str, EncodedTask], batch_size: int = 64, device="cpu",
-                 autocast_dtype=None) -> tuple[dict, dict]:
+                 autocast_dtype=None, sharded: bool = False) -> tuple[dict, dict]:
     """(metrics, predictions per task) on the dev sets. A model with pair_order "symmetric" also
-    reports quora_acc_given_order / sts_pearson_given_order (the given order alone)."""
-    outs = {t: model_outputs(model, dev[t], batch_size, device, autocast_dtype, orders=True) for t in TASKS}
+    reports quora_acc_given_order / sts_pearson_given_order (the given order alone). sharded:
+    every rank under torchrun evaluates its share of the batches (all ranks must call)."""
+    outs = {t: model_outputs(model, dev[t], batch_size, device, autocast_dtype, orders=True, sharded=sharded)
+            for t in TASKS}
     preds = {t: predictions_from_outputs(t, outs[t][0]) for t in TASKS}
     metrics = compute_metrics(preds, {t: dev[t].labels for t in TASKS})
     if _symmetric(model):

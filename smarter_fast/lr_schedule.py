@@ -125,10 +125,20 @@ class LRSchedule:
 
     def apply(self, step: int, progress: float | None = None) -> float:
         """Set the lrs for global step `step` (and time-budget progress); returns the factor."""
-        f = self.factor(step, progress)
+        f = self.last_factor = self.factor(step, progress)
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * f
         return f
+
+    def state_dict(self) -> dict:
+        """The factor in effect (the schedule itself is a function of the step and the options)."""
+        return {"last_factor": getattr(self, "last_factor", None)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("last_factor") is not None:
+            self.last_factor = float(sd["last_factor"])
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * self.last_factor
 
 
 __all__ = ["LR_SCHEDULES", "lr_factor", "lr_factor_at", "warmup_steps", "layer_depths", "param_groups", "LRSchedule"]

@@ -183,8 +183,6 @@ class EmaTeacher(WeightEma):
     """Mean teacher for the momentum Bregman proximal point: theta~ <- beta theta~ + (1 - beta) theta
     after every optimizer step (no warm-up); evaluated without dropout and without gradient."""
 
-    file = "smart_teacher.safetensors"
-
     def __init__(self, model, beta: float = 0.995):
         super().__init__(model, beta, warmup=False)
 
@@ -195,13 +193,6 @@ class EmaTeacher(WeightEma):
     @torch.no_grad()
     def __call__(self, task: str, batch: dict) -> torch.Tensor:
         return task_forward(self.model, task, batch)
-
-    def state_dict(self) -> dict:
-        return {"beta": self.decay, "model": self.model.state_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.decay = float(sd["beta"])
-        self.model.load_state_dict(sd["model"])
 
 
 def smart_full_loss(model, task: str, batch: dict, *, sigma: float = 1e-5, eta: float = 1e-3,

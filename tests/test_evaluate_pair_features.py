@@ -195,15 +195,15 @@ def test_symmetric_outputs_are_the_mean_of_both_orders(tiny):
 
 
 def test_pair_swaps_are_random_halves_fixed_by_seed_and_step():
-    from argparse import Namespace
-    from smarter_fast.train import pair_swaps
-    args = Namespace(pair_order="symmetric", seed=3)
-    a = pair_swaps(args, "quora", 10, 4000)
+    from smarter_fast.training.steps import pair_swaps
+    a = pair_swaps(3, 10, 4000)
     assert a.dtype == bool and 0.45 < a.mean() < 0.55
-    np.testing.assert_array_equal(a, pair_swaps(args, "sts", 10, 4000))
-    assert not np.array_equal(a, pair_swaps(args, "quora", 11, 4000))
-    assert pair_swaps(args, "sst", 10, 8) is None
-    assert pair_swaps(Namespace(pair_order="given", seed=3), "quora", 10, 8) is None
+    np.testing.assert_array_equal(a, pair_swaps(3, 10, 4000))
+    assert not np.array_equal(a, pair_swaps(3, 11, 4000))
+    assert not np.array_equal(a, pair_swaps(4, 10, 4000))
+    # gradient-surgery steps: one independent stream per task, none equal to the plain one
+    streams = [pair_swaps(3, 10, 4000, stream=k) for k in range(3)]
+    assert all(not np.array_equal(x, y) for x, y in zip([a] + streams, streams))
 
 
 def test_bad_saved_pair_order_names_the_file(tiny, tmp_path):
@@ -224,7 +224,6 @@ def test_bad_saved_pair_order_names_the_file(tiny, tmp_path):
 def test_train_symmetric_with_ema_then_evaluate_cli(tiny, tmp_path, capsys):
     """Training feeds both orders; the checkpoint keeps pair_order; `evaluate` reproduces the run's
     dev metrics from checkpoints/best, which holds the EMA weights; a resume keeps the average."""
-    from safetensors.torch import load_file
     from smarter_fast.evaluate import main as evaluate_main
     from smarter_fast.train import main as train_main
     ckpt, data = tiny
@@ -242,7 +241,9 @@ def test_train_symmetric_with_ema_then_evaluate_cli(tiny, tmp_path, capsys):
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["ema"]["decay"] == 0.9 and state["ema"]["updates"] == state["global_step"] > 0
     from smarter_fast.model import MultitaskBert
-    ema_w = load_file(str(last / "ema.safetensors"))  # MultitaskBert state_dict names
+    ema_sd = torch.load(last / "train_state.pt", weights_only=True)["states"]["ema"]
+    assert ema_sd["updates"] == state["global_step"]
+    ema_w = ema_sd["weights"]  # MultitaskBert state_dict names
     raw_w = MultitaskBert.from_pretrained(last).state_dict()
     assert set(ema_w) == set(raw_w)
     assert any(not torch.equal(ema_w[k], raw_w[k]) for k in raw_w)  # the average is not the weights

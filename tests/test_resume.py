@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smarter_fast.state import find_last_checkpoint, read_state
+from smarter_fast.training.checkpoint import find_last_checkpoint, read_state
 from smarter_fast.train import main
 
 SIZES = {"sst": {"train": 48, "dev": 8, "test-student": 4},
@@ -127,26 +127,26 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch, ca
     assert err.count("non-finite loss or gradient") == 2
     r = rows(out)[0]
     assert r["nonfinite_skipped"] == 2 and math.isfinite(r["train_loss_sst"])
-    sd = torch.load(find_last_checkpoint(out) / "optimizer.pt", weights_only=True)
+    sd = torch.load(find_last_checkpoint(out) / "train_state.pt", weights_only=True)["states"]["optimizer"]
     assert all(torch.isfinite(s["exp_avg"]).all() for s in sd["state"].values())
 
 
 def test_nonfinite_in_a_row_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys):
-    import smarter_fast.train as train
     from smarter_fast import losses
+    from smarter_fast.training.trainer import Trainer
     state = {"epoch2": False}
-    real_epoch = train.train_epoch
+    real_epoch = Trainer.train_epoch
 
-    def epoch_hook(*a, **k):
-        state["epoch2"] = a[4] >= 1
-        return real_epoch(*a, **k)
+    def epoch_hook(self, epoch, clock):
+        state["epoch2"] = epoch >= 1
+        return real_epoch(self, epoch, clock)
 
     def poison(fn):
         return lambda out, labels: fn(out, labels) + (float("inf") if state["epoch2"] else 0.0)
 
     for task in ("sst", "quora", "sts"):
         monkeypatch.setitem(losses.LOSSES, task, poison(losses.LOSSES[task]))
-    monkeypatch.setattr(train, "train_epoch", epoch_hook)
+    monkeypatch.setattr(Trainer, "train_epoch", epoch_hook)
     out = tmp_path / "inf"
     assert main(argv(tiny, out, "--smart", "off", "--max-nonfinite", "3")) == 2
     err = capsys.readouterr().err
@@ -161,15 +161,15 @@ def test_nonfinite_in_a_row_stops_and_keeps_last_good_checkpoint(tiny, tmp_path,
 
 def _stop_at(monkeypatch, global_step: int):
     """As a SIGTERM arriving during global step `global_step`: the run saves and stops after it."""
-    from smarter_fast import state as state_mod
-    real = state_mod.RunState.after_step
+    from smarter_fast.training.trainer import Trainer
+    real = Trainer._after_step
 
-    def after_step(self, epoch, position, n_steps, step, partial):
-        if step == global_step:
-            self.stop.signum, self.stop_now = signal.SIGTERM, True
-        return real(self, epoch, position, n_steps, step, partial)
+    def after_step(self, position, n_steps):
+        if self.progress.global_step == global_step:
+            self.stop.signum, self.step.stop_now = signal.SIGTERM, True
+        return real(self, position, n_steps)
 
-    monkeypatch.setattr(state_mod.RunState, "after_step", after_step)
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
 
 
 @pytest.mark.parametrize("extra", [

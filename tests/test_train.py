@@ -55,7 +55,7 @@ def test_end_to_end_outputs(tiny, tmp_path, capsys):
         assert x["examples_per_second"] == pytest.approx(60 / x["train_seconds"])
     for name in ("best", "last"):
         d = out / "checkpoints" / name
-        for f in ("model.safetensors", "config.json", "vocab.txt", "optimizer.pt", "trainer_state.json"):
+        for f in ("model.safetensors", "config.json", "vocab.txt", "train_state.pt", "trainer_state.json"):
             assert (d / f).is_file(), d / f
     assert json.loads((out / "checkpoints" / "last" / "trainer_state.json").read_text())["epochs_done"] == 2
     preds = out / "predictions"

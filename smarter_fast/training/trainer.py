@@ -1,0 +1,337 @@
+"""The Trainer: one epoch loop for every configuration.
+
+    fit():  for each epoch:
+                begin   fresh epoch: reseed torch from (seed, epoch), zero the epoch's sums;
+                        a resumed mid-epoch position keeps the restored RNG and sums
+                steps   TrainStep(item): gradients of the step shape, non-finite check, LR
+                        schedule, optimizer step, weight averages (SMART teacher, --ema)
+                        after each: progress, --save-every / stop request, time budget
+                end     dev evaluation (sharded over ranks), metrics row, `last` checkpoint,
+                        `best` (copy, or the EMA weights), plots
+
+What varies is composed: the objective (smarter_fast.training.objectives: plain, SMART simple,
+SMART full) and the step shape (smarter_fast.training.steps: one task's batch, or a
+gradient-surgery group). Every stateful part is registered with the Checkpointer under a name;
+`resume()` restores them all. See docs/design.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..data.schedules import TASK_ORDER
+from ..ema import WeightEma
+from ..lr_schedule import LRSchedule, warmup_steps
+from ..smart import EmaTeacher, step_seed
+from ..surgery import GradientSurgery
+from .checkpoint import Checkpointer, copy_checkpoint, find_last_checkpoint, is_complete, read_state
+from .components import (EpochTotals, NonFiniteGuard, Progress, RngState, RunRecord, ScheduleIdentity,
+                         StopRequest, Stopped, TrainingClock)
+from .objectives import build_objective
+from .steps import SingleTaskSteps, SurgerySteps, TrainStep
+
+log = logging.getLogger("smarter_fast")
+EPOCH_SEED_SALT = 10_000_019  # dropout masks of epoch e: seeded by step_seed(seed, salt + e)
+
+
+def build_lr_schedule(config, optimizer, n_steps_per_epoch) -> LRSchedule | None:
+    """The LR schedule of a config (None: constant lr without warm-up). n_steps_per_epoch(e):
+    the optimizer steps of epoch e. Under --time-budget it follows the fraction spent."""
+    c = config
+    total = None if c.epochs is None else sum(n_steps_per_epoch(e) for e in range(c.epochs))
+    if c.time_budget is not None:
+        warm, fraction = (c.warmup_steps or 0), (0.0 if c.warmup_steps is not None else c.warmup_ratio)
+    else:
+        warm, fraction = warmup_steps(total, c.warmup_ratio, c.warmup_steps), 0.0
+    if c.lr_schedule == "constant" and not warm and not fraction:
+        return None
+    return LRSchedule(optimizer, total, warm, c.lr_schedule, fraction)
+
+
+class Trainer:
+    """Trains `model` with `optimizer` on `train_data` by `schedule`, evaluating on `dev_data`
+    after every epoch. `out_dir` None: nothing is written (no checkpoints, metrics or plots)."""
+
+    def __init__(self, config, model, optimizer, schedule, train_data, dev_data, device, out_dir=None,
+                 row_info: dict | None = None, synthetic: bool = False):
+        c = self.config = config
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.train_data, self.dev_data, self.device = train_data, dev_data, torch.device(device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.row_info, self.tag = dict(row_info or {}), " [SYNTHETIC]" if synthetic else ""
+        self.autocast_dtype = torch.bfloat16 if c.precision == "bf16" else None
+        self.surgery = (GradientSurgery(model, TASK_ORDER, c.grad_surgery, seed=c.seed)
+                        if c.grad_surgery != "off" else None)
+        per_epoch = ((lambda e: len(schedule.group_steps(e))) if self.surgery
+                     else (lambda e: len(schedule.epoch_steps(e))))
+        self.lr = build_lr_schedule(c, optimizer, per_epoch)
+        self.teacher = EmaTeacher(model, c.smart_full_beta) if c.smart == "full" and c.smart_full_bregman else None
+        self.ema = WeightEma(model, c.ema) if c.ema else None
+        self.guard = NonFiniteGuard(c.max_nonfinite, hint=self._checkpoint_hint)
+        self.stop = StopRequest()
+        self.progress, self.record, self.rng = Progress(), RunRecord(), RngState()
+        self.totals = EpochTotals(TASK_ORDER)
+        self.forward = distributed.wrap(model, self.device)  # DDP under torchrun
+        self.shape = self._step_shape()
+        self.step = TrainStep(model, optimizer, self.shape, self.guard, self.lr,
+                              [a for a in (self.teacher, self.ema) if a is not None], self.stop, self.device)
+        states = {"optimizer": optimizer, "progress": self.progress, "record": self.record,
+                  "nonfinite": self.guard, "schedule": ScheduleIdentity(schedule),
+                  "lr_schedule": self.lr, "ema": self.ema, "smart_teacher": self.teacher,
+                  "surgery": self.surgery}
+        self.checkpointer = Checkpointer(model, {k: v for k, v in states.items() if v is not None},
+                                         rank_states={"rng": self.rng, "epoch_totals": self.totals})
+        self.best_in_memory = None  # (epoch, (metrics, dev predictions)) while the model is the best
+
+    def _step_shape(self):
+        c, symmetric = self.config, self.config.pair_order == "symmetric"
+        objective = build_objective(c, self.teacher)
+        autocast = self.autocast_dtype is not None
+        if self.surgery is not None:
+            return SurgerySteps(self.model, objective, self.device, self.schedule, self.train_data, c.seed,
+                                symmetric, self.surgery, autocast)
+        return SingleTaskSteps(self.model, objective, self.device, self.schedule, self.train_data, c.seed,
+                               symmetric, autocast, self.forward)
+
+    def describe(self) -> str:
+        """The options in effect beyond the plain recipe (one line, empty when none)."""
+        c, parts = self.config, []
+        if c.smart == "full":
+            parts.append(f"full SMART sigma {c.smart_full_sigma:g} eta {c.smart_full_eta:g} K {c.smart_full_steps} "
+                         f"lambda {c.smart_full_lambda:g} "
+                         + (f"epsilon-ball {c.smart_full_epsilon:g}" if c.smart_full_epsilon else "L-inf step")
+                         + (" bregman" if self.teacher else ""))
+        if self.lr is not None and c.time_budget is not None:
+            warm = f"{self.lr.warmup} steps" if self.lr.warmup else f"{self.lr.warmup_fraction:g} of the budget"
+            parts.append(f"lr {self.lr.kind} to the end of the time budget, warm-up {warm}")
+        elif self.lr is not None:
+            parts.append(f"lr {self.lr.kind}, warm-up {self.lr.warmup} of {self.lr.total} steps")
+        if c.layer_decay != 1.0:
+            parts.append(f"layer decay {c.layer_decay:g}")
+        if self.surgery:
+            parts.append(f"gradient surgery {c.grad_surgery}")
+        if self.ema is not None:
+            parts.append(f"weight EMA decay {self.ema.decay:g} (evaluated and kept as best)")
+        return "; ".join(parts)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    @property
+    def ck_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def _checkpoint_hint(self) -> str:
+        if self.out_dir is not None and find_last_checkpoint(self.out_dir):
+            return f"The last good checkpoint is in {self.ck_dir / 'last'}. "
+        return ""
+
+    def summary(self) -> dict:
+        """trainer_state.json: what a person or a tool reads of a checkpoint."""
+        p = self.progress
+        return {"epochs_done": p.epoch, "next_step_in_epoch": p.position, "global_step": p.global_step,
+                "best": self.record.best, "metrics": self.record.rows, "schedule": self.schedule.state_dict(),
+                "nonfinite": self.guard.state_dict(), "world_size": distributed.world(), "seed": self.config.seed,
+                **({"ema": {"decay": self.ema.decay, "updates": self.ema.updates}} if self.ema else {}),
+                "args": self.config.to_dict()}
+
+    def save(self, name: str = "last", model=None) -> Path:
+        return self.checkpointer.save(self.ck_dir / name, self.summary(), model=model)
+
+    def resume(self, directory) -> None:
+        """Restore every component from a checkpoint (the model's weights were loaded from it)."""
+        self.checkpointer.load(directory, self.device)
+        p, best = self.progress, self.record.best
+        self._write_rows()
+        # a crash between saving `last` and copying it to `best` (rank 0 looks; saving is collective)
+        best_dir = self.ck_dir / "best"
+        redo = distributed.broadcast_object(
+            distributed.is_main() and best["epoch"] == p.epoch and not p.position
+            and (not is_complete(best_dir) or read_state(best_dir).get("epochs_done") != p.epoch))
+        if redo and self.ema is not None:
+            self.save("best", model=self.ema.model)
+        elif redo and distributed.is_main():
+            copy_checkpoint(directory, best_dir)
+        where = f"epoch {p.epoch + 1} at step {p.position}" if p.position else f"after epoch {p.epoch}"
+        print(f"resuming {where} (global step {p.global_step}, best mean_score "
+              f"{best['mean_score']:.4f} at epoch {best['epoch']})", flush=True)
+
+    def _write_rows(self) -> None:
+        if self.out_dir is not None and distributed.is_main():
+            from ..report import atomic_write_text
+            atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.record.rows))
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> int | None:
+        """Train until --epochs or --time-budget ends it; returns the last epoch trained (1-based)."""
+        c = self.config
+        spent = self.record.train_seconds()  # on every rank (every rank keeps the rows)
+        last_epoch = None
+        epochs = range(self.progress.epoch, c.epochs) if c.epochs else itertools.count(self.progress.epoch)
+        for epoch in epochs:
+            clock = TrainingClock(c.time_budget, spent)
+            if clock.exhausted():
+                break  # resumed after the budget was spent
+            stats = self.train_epoch(epoch, clock)
+            spent += stats["train_seconds"]
+            last_epoch = epoch + 1
+            self.end_epoch(epoch, stats, clock)
+            if stats["budget_exhausted"]:
+                break
+        return last_epoch
+
+    def epoch_label(self, epoch: int) -> str:
+        return f"{epoch + 1}/{self.config.epochs}" if self.config.epochs else f"{epoch + 1}"
+
+    def _begin_epoch(self, epoch: int) -> int:
+        """The first step position of `epoch`: a fresh epoch reseeds torch (the dropout masks are
+        fixed per (seed, epoch)) and zeroes the sums; a resumed one keeps the restored ones."""
+        p = self.progress
+        if p.position and p.epoch == epoch:
+            return p.position
+        p.epoch, p.position = epoch, 0
+        self.totals.reset()
+        torch.manual_seed(step_seed(self.config.seed, EPOCH_SEED_SALT + epoch))
+        return 0
+
+    def train_epoch(self, epoch: int, clock: TrainingClock) -> dict:
+        """One epoch (from a resumed position); returns its statistics."""
+        items = self.shape.epoch_items(epoch)
+        label = self.epoch_label(epoch)
+        self.model.train()
+        start = self._begin_epoch(epoch)
+        totals, before, t0 = self.totals, self.totals.seconds, time.perf_counter()
+        bar = self._progress_bar(epoch, items, start)
+        exhausted, running = False, None
+        try:
+            with self.stop:
+                for position in range(start, len(items)):
+                    gs = self.progress.global_step
+                    where = f"epoch {label}, step {position + 1}/{len(items)} (global step {gs + 1}, {self.shape.where(items[position])})"
+                    skip, result = self.step(items[position], gs, where, before + time.perf_counter() - t0,
+                                             clock.progress)
+                    if not skip:
+                        running = self._add(result, running)
+                    self.progress.global_step, self.progress.position = gs + 1, position + 1
+                    totals.seconds = before + time.perf_counter() - t0
+                    self._show(bar, result, running, totals.seconds)
+                    self._after_step(position + 1, len(items))
+                    if clock.agreed_exhausted(totals.seconds):
+                        exhausted = True
+                        break
+        finally:
+            bar.close()
+        return self._epoch_stats(len(items), before + time.perf_counter() - t0, exhausted)
+
+    def _add(self, result, running):
+        for task, (loss, n, term) in result.values.items():
+            value = float(loss)
+            self.totals.add(task, value, n, None if term is None else float(term))
+            running = value if running is None else 0.98 * running + 0.02 * value
+        self.shape.applied(self.totals)
+        return running
+
+    def _progress_bar(self, epoch, items, start):
+        from tqdm import tqdm
+        sizes = [self._examples(item) for item in items]
+        return tqdm(total=sum(sizes), initial=sum(sizes[:start]), disable=not distributed.is_main(),
+                    desc=f"epoch {self.epoch_label(epoch)}{self.tag}", unit="ex", dynamic_ncols=True,
+                    mininterval=1.0, leave=False, file=sys.stderr)
+
+    @staticmethod
+    def _examples(item) -> int:
+        if isinstance(item[0], dict):  # a gradient-surgery group
+            return sum(len(ix) for ix in item[0].values())
+        return len(item[1])
+
+    def _show(self, bar, result, running, seconds) -> None:
+        bar.update(result.examples)
+        if running is not None and not bar.disable:
+            task = next(iter(result.values))
+            rate = self.totals.seen * distributed.world() / max(seconds, 1e-9)
+            bar.set_postfix_str(f"{task} loss {running:.3f}, {rate:.1f} ex/s", refresh=False)
+
+    def _after_step(self, position: int, n_steps: int) -> None:
+        """A mid-epoch checkpoint every --save-every steps; on a stop request, save and raise Stopped."""
+        every = self.config.save_every
+        periodic = every and self.progress.global_step % every == 0 and position < n_steps
+        if not (self.step.stop_now or periodic) or self.out_dir is None:
+            return
+        last = self.save("last")
+        if self.step.stop_now:
+            raise Stopped(self.stop.signum or 2, last)
+
+    def _epoch_stats(self, n_steps: int, seconds: float, exhausted: bool) -> dict:
+        seconds = distributed.all_reduce_max([seconds])[0]  # the slowest rank's
+        t = self.totals.reduced()
+        return {"train_seconds": seconds, "train_examples": t.seen,
+                "examples_per_second": t.seen / seconds if seconds > 0 else 0.0, "steps": n_steps,
+                **{f"train_examples_{k}": t.counts[k] for k in TASK_ORDER},
+                **{f"train_loss_{k}": (t.sums[k] / t.counts[k] if t.counts[k] else None) for k in TASK_ORDER},
+                "smart_term": t.smart_sum / t.smart_n if t.smart_n else None,
+                "nonfinite_skipped": self.guard.total, **self.shape.extra_stats(t),
+                "budget_exhausted": exhausted}
+
+    # -- evaluation and the end of an epoch -------------------------------------------------------------
+    def evaluate(self) -> tuple[dict, dict, float]:
+        """(dev metrics, dev predictions, seconds): every rank evaluates its share of the batches."""
+        from ..evaluate import evaluate_dev
+        t0 = time.perf_counter()
+        eval_model = self.ema.model if self.ema is not None else self.model
+        args = (self.config.eval_batch_size, self.device, self.autocast_dtype)
+        metrics, preds = evaluate_dev(eval_model, self.dev_data, *args, sharded=True)
+        if self.ema is not None:  # the raw weights too, to see what the average adds
+            raw, _ = evaluate_dev(self.model, self.dev_data, *args, sharded=True)
+            metrics.update({f"raw_{k}": raw[k] for k in ("sst_acc", "quora_acc", "sts_pearson", "mean_score")})
+        return metrics, preds, time.perf_counter() - t0
+
+    def end_epoch(self, epoch: int, stats: dict, clock: TrainingClock) -> None:
+        c, record = self.config, self.record
+        metrics, dev_preds, eval_seconds = self.evaluate()
+        is_best = metrics["mean_score"] > record.best["mean_score"]
+        if is_best:
+            record.best = {"mean_score": metrics["mean_score"], "epoch": epoch + 1}
+        split = c.schedule in ("split1", "split2")
+        row = {"epoch": epoch + 1, **metrics, **stats, "eval_seconds": eval_seconds,
+               "global_step": self.progress.global_step,
+               "split_part": (epoch % self.schedule.parts) if split else None, "lr": c.lr, "smart": c.smart,
+               "synthetic_data": bool(self.tag), "best": is_best,
+               "train_minutes_total": (clock.spent_before + stats["train_seconds"]) / 60.0, **self.row_info}
+        record.rows.append(row)
+        self.progress.epoch, self.progress.position = epoch + 1, 0
+        if self.out_dir is None:
+            return
+        self._write_rows()
+        last = self.save("last")
+        if is_best and self.ema is not None:
+            self.save("best", model=self.ema.model)
+        elif is_best:
+            if distributed.is_main():
+                copy_checkpoint(last, self.ck_dir / "best")
+            self.best_in_memory = (epoch + 1, (metrics, dev_preds))
+        if distributed.is_main():
+            self._report_epoch(epoch, row, stats, metrics, is_best)
+
+    def _report_epoch(self, epoch, row, stats, metrics, is_best) -> None:
+        from ..report import format_metrics, plot_learning_curves
+        plot_learning_curves(self.record.rows, self.out_dir / "plots", self.tag)
+        losses = "  ".join(f"{t} {stats[f'train_loss_{t}']:.3f}" for t in TASK_ORDER
+                           if stats[f"train_loss_{t}"] is not None)
+        smart = f"  smart {stats['smart_term']:.4f}" if stats["smart_term"] is not None else ""
+        raw = f" | raw weights: mean {metrics['raw_mean_score']:.3f}" if self.ema is not None else ""
+        print(f"epoch {self.epoch_label(epoch)}{self.tag}: {stats['train_examples']} ex in {stats['train_seconds']:.1f}s "
+              f"({stats['examples_per_second']:.1f} ex/s), loss {losses}{smart} | dev "
+              f"{format_metrics(metrics)}{raw} (eval {row['eval_seconds']:.1f}s){'  *best' if is_best else ''}",
+              flush=True)
+        if stats["budget_exhausted"]:
+            print(f"time budget of {self.config.time_budget:g} min spent after {row['train_minutes_total']:.1f} "
+                  f"min of training (epoch {epoch + 1}, global step {self.progress.global_step})", flush=True)
+
+
+__all__ = ["EPOCH_SEED_SALT", "Trainer", "build_lr_schedule"]

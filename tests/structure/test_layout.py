@@ -1,0 +1,105 @@
+"""The package's structure: no import cycles (imports inside functions included), and short
+functions in the training engine and the commands."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "smarter_fast"
+MAX_FUNCTION_LINES = 80
+# the training engine and the command-line tools (python -m smarter_fast.<command>)
+SHORT_FUNCTION_FILES = sorted(PACKAGE.glob("training/*.py")) + [
+    PACKAGE / f"{name}.py" for name in ("train", "evaluate", "ablate", "info", "build", "selfcheck")]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every smarter_fast module `path` imports, at any depth of its code."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("smarter_fast")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("smarter_fast"):
+                continue
+            out.add(target)
+            for a in node.names:  # `from . import x` imports the submodule x
+                out.add(f"{target}.{a.name}")
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        deps = set()
+        for target in imports_of(path):
+            # a module's import also runs its packages' __init__ (smarter_fast itself aside)
+            while target and target not in files:
+                target = target.rpartition(".")[0]
+            if target and target != name and target != "smarter_fast":
+                deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_import_reader_sees_imports_inside_functions(tmp_path):
+    f = PACKAGE / "training" / "run.py"
+    assert "smarter_fast.evaluate" in imports_of(f)  # imported inside a function there
+
+
+def test_no_import_cycle_in_the_package():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_functions_in_the_engine_and_commands_are_short():
+    long = []
+    for path in SHORT_FUNCTION_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)
