@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchutil import (Cycle, bf16_skip_reason, cs224n_dir, group_name, hf_bert, label,
+from benchutil import (Cycle, trainer_step_fn, bf16_skip_reason, cs224n_dir, group_name, hf_bert, label,
                        our_model_and_optimizer, record_step_ratio, rotation, sync)
 
 BATCH = 8
@@ -110,19 +110,8 @@ def hf_step_fn(device):
 
 
 def our_pipeline_step_fn(model, opt, device, bf16: bool):
-    from smarter_fast.losses import task_loss
-    from smarter_fast.smart import task_forward
-
-    def step(item):
-        task, batch = item
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = task_loss(task, task_forward(model, task, batch), batch["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-
-    return step
+    """The Trainer's step (benchutil.trainer_step_fn) on (task, batch) items."""
+    return trainer_step_fn(model, opt, device, bf16=bf16)
 
 
 class TaskCycle(Cycle):

