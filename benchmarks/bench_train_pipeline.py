@@ -28,11 +28,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from benchutil import (Cycle, trainer_step_fn, bf16_skip_reason, cs224n_dir, group_name, hf_bert, label,
-                       our_model_and_optimizer, record_step_ratio, rotation, sync)
+from benchutil import (Cycle, bf16_skip_reason, cs224n_dir, group_name, hf_pipeline_step_fn, label,
+                       our_model_and_optimizer, record_step_ratio, rotation, trainer_step_fn)
 
 BATCH = 8
 LR = 1e-5
@@ -83,32 +81,6 @@ def make_pipeline_batches(examples: dict, bucketed: bool, seed: int = 0) -> list
     return out
 
 
-def hf_step_fn(device):
-    bert = hf_bert(device)
-    H = bert.config.hidden_size
-    heads = torch.nn.ModuleDict({"sst": torch.nn.Linear(H, 5), "quora": torch.nn.Linear(H, 1),
-                                 "sts": torch.nn.Linear(H, 1)}).to(device)
-    opt = torch.optim.AdamW(list(bert.parameters()) + list(heads.parameters()), lr=LR)
-
-    def step(item):
-        task, batch = item
-        out = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   token_type_ids=batch["token_type_ids"])
-        y = heads[task](out.pooler_output)
-        if task == "sst":
-            loss = F.cross_entropy(y, batch["labels"])
-        elif task == "quora":
-            loss = F.binary_cross_entropy_with_logits(y.squeeze(-1), batch["labels"])
-        else:
-            loss = F.mse_loss(y.squeeze(-1), batch["labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sync(device)
-
-    return step
-
-
 def our_pipeline_step_fn(model, opt, device, bf16: bool):
     """The Trainer's step (benchutil.trainer_step_fn) on (task, batch) items."""
     return trainer_step_fn(model, opt, device, bf16=bf16)
@@ -138,7 +110,7 @@ def bench_train_pipeline(benchmark, results, task_examples, provider):
           padding=round(1 - real_tokens / all_tokens, 3),
           data="cs224n" if real else "generated stand-in")
     if provider == "hf":
-        step = hf_step_fn(device)
+        step = hf_pipeline_step_fn(device, LR)
     else:
         model, opt = our_model_and_optimizer("auto", device, lr=LR)
         step = our_pipeline_step_fn(model, opt, device, bf16=provider.endswith("bf16"))
@@ -153,7 +125,7 @@ def bench_train_pipeline_interleaved(benchmark, task_examples):
     no_bf16 = bf16_skip_reason(device)
     providers = [p for p in PROVIDERS if not (no_bf16 and p.endswith("bf16"))]
     items = {p: make_pipeline_batches(examples, bucketed=p != "hf") for p in providers}
-    steps = {"hf": hf_step_fn(device)}
+    steps = {"hf": hf_pipeline_step_fn(device, LR)}
     for p in providers[1:]:
         model, opt = our_model_and_optimizer("auto", device, lr=LR)
         steps[p] = our_pipeline_step_fn(model, opt, device, bf16=p.endswith("bf16"))

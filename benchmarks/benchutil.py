@@ -257,6 +257,34 @@ def hf_bert(device):
     return transformers.BertModel.from_pretrained(str(default_checkpoint_dir())).to(device).train()
 
 
+def hf_pipeline_step_fn(device, lr: float):
+    """The plain Hugging Face pipeline's training step on a (task, batch) item: BertModel from the
+    embedded checkpoint, three nn.Linear heads on the pooler output (cross-entropy, BCE with
+    logits, MSE), torch.optim.AdamW with its defaults."""
+    import torch.nn.functional as F
+
+    bert = hf_bert(device)
+    H = bert.config.hidden_size
+    heads = torch.nn.ModuleDict({"sst": torch.nn.Linear(H, 5), "quora": torch.nn.Linear(H, 1),
+                                 "sts": torch.nn.Linear(H, 1)}).to(device)
+    opt = torch.optim.AdamW(list(bert.parameters()) + list(heads.parameters()), lr=lr)
+    losses = {"sst": F.cross_entropy,
+              "quora": lambda y, t: F.binary_cross_entropy_with_logits(y.squeeze(-1), t),
+              "sts": lambda y, t: F.mse_loss(y.squeeze(-1), t)}
+
+    def step(item):
+        task, batch = item
+        out = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   token_type_ids=batch.get("token_type_ids"))
+        loss = losses[task](heads[task](out.pooler_output), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync(device)
+
+    return step
+
+
 def record_step_ratio(benchmark, results: dict, group: str, provider: str, batch_size: int) -> None:
     """After a timed training step: examples_per_s and ratio_to_hf (hf measured earlier in the run)."""
     mean = mean_seconds(benchmark)

@@ -238,13 +238,14 @@ def _describe_recipe(config, setup, checkpoint_options: dict) -> dict:
     return settings
 
 
-def build_model(config: TrainConfig, setup: RunSetup):
-    """(model, optimizer): from the last checkpoint when resuming, else from --pretrained."""
+def build_model(config: TrainConfig, device, resume_dir=None):
+    """(model, optimizer) on `device`: from the last checkpoint when resuming, else from
+    --pretrained (None: the embedded checkpoint)."""
     from ..lr_schedule import param_groups
     from ..model import MultitaskBert
     from ..ops import BackendUnavailableError
     from ..optim import AdamW
-    src = setup.resume_dir if setup.resume_dir is not None else config.pretrained
+    src = resume_dir if resume_dir is not None else config.pretrained
     try:
         model = MultitaskBert.from_pretrained(src, dropout=config.dropout, backend=config.backend,
                                               **{k: getattr(config, k) for k in MODEL_OPTIONS})
@@ -253,7 +254,7 @@ def build_model(config: TrainConfig, setup: RunSetup):
             raise
         where = src if src is not None else "the embedded checkpoint"
         raise UsageError(f"cannot load the checkpoint in {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    model.to(setup.device).train()
+    model.to(device).train()
     params = (model.parameters() if config.layer_decay == 1.0
               else param_groups(model, config.lr, config.layer_decay, config.weight_decay))
     return model, AdamW(params, lr=config.lr, weight_decay=config.weight_decay, backend=config.backend)
@@ -264,7 +265,7 @@ def run(config: TrainConfig) -> int:
     setup_logging()
     setup = prepare(config)
     tokenizer, train_data, dev_data, schedule, settings = load_data(config, setup)
-    model, optimizer = build_model(config, setup)
+    model, optimizer = build_model(config, setup.device, setup.resume_dir)
     trainer = Trainer(config, model, optimizer, schedule, train_data, dev_data, setup.device, setup.out_dir,
                       row_info={"recipe": config.recipe, "recipe_settings": settings}, synthetic=setup.synthetic)
     if trainer.describe():
