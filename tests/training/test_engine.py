@@ -194,3 +194,23 @@ def test_a_checkpoint_of_the_previous_format_is_refused_with_a_reason(tiny, tmp_
     assert main(argv(tiny, out, "--resume", "--epochs", "2")) == 2
     err = capsys.readouterr().err
     assert "format version 2" in err and "--pretrained" in err
+
+
+@pytest.mark.parametrize("poison", ["nan-grad", "inf-grad", "-inf-grad", "nan-loss", "none"])
+def test_the_nonfinite_check_sees_any_bad_value(poison):
+    from smarter_fast.training.components import NonFiniteGuard
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 3), (5,), (11, 13))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    loss = torch.tensor(0.5)
+    value = {"nan-grad": float("nan"), "inf-grad": float("inf"), "-inf-grad": -float("inf")}.get(poison)
+    if value is not None:
+        params[2].grad[4, 9] = value
+    if poison == "nan-loss":
+        loss = torch.tensor(float("nan"))
+    guard = NonFiniteGuard()
+    assert guard.bad([loss], params) is (poison != "none")
+    if poison == "none":
+        expect = torch.cat([p.grad.reshape(-1) for p in params]).norm()
+        assert guard.grad_norm == pytest.approx(float(expect), rel=1e-6)
