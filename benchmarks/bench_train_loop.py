@@ -50,6 +50,11 @@ def _bench_schedule(train_data):
 
 @pytest.fixture(scope="module")
 def loop_data():
+    return load_loop_data()
+
+
+def load_loop_data():
+    """(encoded training data, the benchmark's schedule, whether the data is real)."""
     from smarter_fast.data.cs224n import load_cs224n
     from smarter_fast.data.tokenize import load_tokenizer
     from smarter_fast.evaluate import encode_split
@@ -70,6 +75,13 @@ def _trainer(train_data, schedule, bf16: bool):
     return Trainer(config, model, optimizer, schedule, train_data, train_data, "cpu")
 
 
+def run_epoch(trainer) -> None:
+    """One pass of the loop over epoch 0 (from its first step, however often it is called)."""
+    from smarter_fast.training.components import TrainingClock
+    trainer.progress.position = 0
+    trainer.train_epoch(0, TrainingClock(None))
+
+
 def _epoch_batches(train_data, schedule, shuffled: bool):
     """The epoch's (task, padded batch) items; shuffled: the same examples in random batches."""
     import numpy as np
@@ -84,7 +96,6 @@ def _epoch_batches(train_data, schedule, shuffled: bool):
 
 
 def bench_train_loop_interleaved(benchmark, loop_data):
-    from smarter_fast.training.components import TrainingClock
     train_data, schedule, real = loop_data
     no_bf16 = bf16_skip_reason("cpu")
     providers = [p for p in PROVIDERS if not (no_bf16 and p.endswith("bf16"))]
@@ -99,7 +110,7 @@ def bench_train_loop_interleaved(benchmark, loop_data):
             runs[p] = lambda step, items: [step(i) for i in items]
         else:
             work[p] = (trainer, None)
-            runs[p] = lambda trainer, _: trainer.train_epoch(0, TrainingClock(None))
+            runs[p] = lambda trainer, _: run_epoch(trainer)
     label(benchmark, "train-loop-interleaved", "all", batch_size=BATCH, mix=dict(MIX), rounds=ROUNDS,
           data="cs224n" if real else "generated stand-in", **({"skipped": no_bf16} if no_bf16 else {}))
     seconds = {p: 0.0 for p in providers}
