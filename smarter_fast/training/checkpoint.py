@@ -156,8 +156,11 @@ class Checkpointer:
     rank_states: {name: component} of each process (RNG states, partial sums), gathered from
     every rank on save and given back to the same rank on load."""
 
-    def __init__(self, model, states: dict, rank_states: dict | None = None):
+    def __init__(self, model, states: dict, rank_states: dict | None = None, optional=()):
+        """optional: names of components a checkpoint may lack (those an option adds, such as
+        --ema): on resume they start afresh, said on the console, as the option is new."""
         self.model, self.states, self.rank_states = model, dict(states), dict(rank_states or {})
+        self.optional = set(optional)
 
     def save(self, directory, summary: dict, model=None) -> Path:
         """Write a checkpoint (collective under torchrun: every rank calls; rank 0 writes).
@@ -184,11 +187,16 @@ class Checkpointer:
         summary = check_format(directory)
         blob = torch.load(directory / "train_state.pt", map_location=device, weights_only=True)
         missing = [k for k in self.states if k not in blob["states"]]
-        if missing:
-            raise CheckpointError(f"{directory} has no state for {', '.join(missing)}: it was written "
+        required = [k for k in missing if k not in self.optional]
+        if required:
+            raise CheckpointError(f"{directory} has no state for {', '.join(required)}: it was written "
                                   f"by a run with other options")
+        for name in missing:
+            print(f"{directory} holds no {name} state (the option is new to this run): it starts afresh",
+                  flush=True)
         for name, component in self.states.items():
-            component.load_state_dict(blob["states"][name])
+            if name not in missing:
+                component.load_state_dict(blob["states"][name])
         ranks = blob.get("ranks") or []
         if len(ranks) == distributed.world():
             for name, component in self.rank_states.items():

@@ -83,12 +83,13 @@ class Trainer:
         self.shape = self._step_shape()
         self.step = TrainStep(model, optimizer, self.shape, self.guard, self.lr,
                               [a for a in (self.teacher, self.ema) if a is not None], self.stop, self.device)
-        states = {"optimizer": optimizer, "progress": self.progress, "record": self.record,
-                  "nonfinite": self.guard, "schedule": ScheduleIdentity(schedule),
+        states = {"schedule": ScheduleIdentity(schedule), "optimizer": optimizer, "progress": self.progress,
+                  "record": self.record, "nonfinite": self.guard,
                   "lr_schedule": self.lr, "ema": self.ema, "smart_teacher": self.teacher,
                   "surgery": self.surgery}
         self.checkpointer = Checkpointer(model, {k: v for k, v in states.items() if v is not None},
-                                         rank_states={"rng": self.rng, "epoch_totals": self.totals})
+                                         rank_states={"rng": self.rng, "epoch_totals": self.totals},
+                                         optional=("lr_schedule", "ema", "smart_teacher", "surgery"))
         self.best_in_memory = None  # (epoch, (metrics, dev predictions)) while the model is the best
 
     def _step_shape(self):

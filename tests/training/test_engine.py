@@ -182,6 +182,9 @@ def test_the_checkpointer_saves_any_registered_component(tiny, tmp_path):
     from smarter_fast.training.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="no state for other"):
         Checkpointer(model, {"other": Counter()}).load(tmp_path / "checkpoints" / "last")
+    new = Counter()  # a component an option adds may be absent: it starts afresh
+    Checkpointer(model, {"counter": Counter(), "new": new}, optional=("new",)).load(tmp_path / "checkpoints" / "last")
+    assert new.n == 0
 
 
 def test_a_checkpoint_of_the_previous_format_is_refused_with_a_reason(tiny, tmp_path, capsys):
