@@ -44,5 +44,6 @@ class WeightEma:
         return {"decay": self.decay, "updates": self.updates, "weights": self.model.state_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.decay, self.updates = float(sd["decay"]), int(sd["updates"])
+        """The average and its update count; the decay stays this run's (its option)."""
+        self.updates = int(sd["updates"])
         self.model.load_state_dict(sd["weights"])

@@ -84,7 +84,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        # identity, not ==: 0 and 0.0 equal False but are defaults worth showing
+        if "default" in text or any(action.default is x for x in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 

@@ -106,6 +106,17 @@ def find_last_checkpoint(out_dir) -> Path | None:
     return None
 
 
+def find_older_checkpoint(out_dir) -> Path | None:
+    """`checkpoints/last` (or `.last.old`) when it is a checkpoint of another format (a model
+    and trainer_state.json, but not this format's files), else None."""
+    ck = Path(out_dir) / "checkpoints"
+    for name in ("last", ".last.old"):
+        d = ck / name
+        if (d / "trainer_state.json").is_file() and (d / "model.safetensors").is_file() and not is_complete(d):
+            return d
+    return None
+
+
 def clean_temporaries(out_dir) -> None:
     """Remove temporary checkpoint directories left by a killed run."""
     ck = Path(out_dir) / "checkpoints"
@@ -196,7 +207,10 @@ class Checkpointer:
                   flush=True)
         for name, component in self.states.items():
             if name not in missing:
-                component.load_state_dict(blob["states"][name])
+                try:
+                    component.load_state_dict(blob["states"][name])
+                except (ValueError, KeyError, RuntimeError) as e:  # the run's options differ
+                    raise CheckpointError(f"its {name} state does not fit this run: {e}") from None
         ranks = blob.get("ranks") or []
         if len(ranks) == distributed.world():
             for name, component in self.rank_states.items():
@@ -211,5 +225,5 @@ class Checkpointer:
 
 
 __all__ = ["CHECKPOINT_FILES", "CheckpointError", "Checkpointer", "FORMAT_VERSION", "check_format",
-           "clean_temporaries", "copy_checkpoint", "find_last_checkpoint", "fsync_path", "is_complete",
+           "clean_temporaries", "copy_checkpoint", "find_last_checkpoint", "find_older_checkpoint", "fsync_path", "is_complete",
            "read_state", "swap_in"]

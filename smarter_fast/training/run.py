@@ -32,7 +32,7 @@ from ..data.schedules import TASK_ORDER, Schedule, resolve_split_parts
 from ..precision import resolve_precision
 from ..recipes import describe as describe_recipe
 from ..recipes import format_settings
-from .checkpoint import CheckpointError, clean_temporaries, find_last_checkpoint
+from .checkpoint import CheckpointError, check_format, clean_temporaries, find_last_checkpoint, find_older_checkpoint
 from .config import MODEL_OPTIONS, TrainConfig
 from .trainer import Trainer
 
@@ -164,6 +164,12 @@ def prepare(config: TrainConfig) -> RunSetup:
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     resume_dir = find_last_checkpoint(out_dir) if config.resume else None
+    older = find_older_checkpoint(out_dir) if config.resume and resume_dir is None else None
+    if older is not None:  # refused, not taken for "no checkpoint" (a fresh run would overwrite it)
+        try:
+            check_format(older)
+        except CheckpointError as e:
+            raise UsageError(f"cannot resume: {e}") from None
     try:
         data_dir, data_desc, synthetic = resolve_data_dir(config.data_dir, out_dir)
     except DataError as e:

@@ -157,12 +157,13 @@ class TrainStep:
         self.device = device
         self.stop_now, self.agreed_seconds = False, 0.0
 
-    def __call__(self, item, global_step: int, where: str = "", seconds: float = 0.0,
+    def __call__(self, item, global_step: int, where: str = "", seconds=None,
                  progress_of=None) -> tuple[bool, StepResult]:
-        """(skipped, what was trained). progress_of(seconds): the fraction of a time budget spent
-        after `seconds` of this epoch (None without one), for the LR schedule."""
+        """(skipped, what was trained). seconds(): the epoch's training time so far, read after
+        the backward; progress_of(seconds): the fraction of a time budget spent after that
+        much of this epoch (None without one), for the LR schedule."""
         result = self.shape.run(item, global_step)
-        skip = self._check(result.checks, where, seconds)
+        skip = self._check(result.checks, where, seconds() if seconds is not None else 0.0)
         if not skip:
             if self.lr is not None:
                 self.lr.apply(global_step, progress_of(self.agreed_seconds) if progress_of else None)

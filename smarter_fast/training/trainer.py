@@ -215,8 +215,8 @@ class Trainer:
                 for position in range(start, len(items)):
                     gs = self.progress.global_step
                     where = f"epoch {label}, step {position + 1}/{len(items)} (global step {gs + 1}, {self.shape.where(items[position])})"
-                    skip, result = self.step(items[position], gs, where, before + time.perf_counter() - t0,
-                                             clock.progress)
+                    skip, result = self.step(items[position], gs, where,
+                                             lambda: before + time.perf_counter() - t0, clock.progress)
                     if not skip:
                         running = self._add(result, running)
                     self.progress.global_step, self.progress.position = gs + 1, position + 1

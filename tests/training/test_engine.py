@@ -192,11 +192,18 @@ def test_a_checkpoint_of_the_previous_format_is_refused_with_a_reason(tiny, tmp_
     assert main(argv(tiny, out)) == 0
     last = out / "checkpoints" / "last"
     state = json.loads((last / "trainer_state.json").read_text())
+    # the files of a format-2 checkpoint: optimizer.pt and the state in JSON, no train_state.pt
     (last / "trainer_state.json").write_text(json.dumps({**state, "version": 2}))
+    blob = torch.load(last / "train_state.pt", weights_only=True)
+    torch.save(blob["states"]["optimizer"], last / "optimizer.pt")
+    (last / "train_state.pt").unlink()
+    before = (out / "metrics.jsonl").read_text()
     capsys.readouterr()
     assert main(argv(tiny, out, "--resume", "--epochs", "2")) == 2
     err = capsys.readouterr().err
     assert "format version 2" in err and "--pretrained" in err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing overwritten
+    assert (last / "optimizer.pt").is_file()
 
 
 @pytest.mark.parametrize("poison", ["nan-grad", "inf-grad", "-inf-grad", "nan-loss", "none"])
@@ -217,3 +224,14 @@ def test_the_nonfinite_check_sees_any_bad_value(poison):
     if poison == "none":
         expect = torch.cat([p.grad.reshape(-1) for p in params]).norm()
         assert guard.grad_norm == pytest.approx(float(expect), rel=1e-6)
+
+
+def test_resume_with_an_added_option_starts_its_state_afresh_and_other_surgery_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(argv(tiny, out, "--grad-surgery", "pcgrad")) == 0
+    capsys.readouterr()
+    assert main(argv(tiny, out, "--grad-surgery", "pcgrad", "--ema", "0.9", "--epochs", "2", "--resume")) == 0
+    assert "holds no ema state (the option is new to this run): it starts afresh" in capsys.readouterr().out
+    assert main(argv(tiny, out, "--grad-surgery", "gradvac", "--epochs", "3", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume from" in err and "surgery state" in err and "'pcgrad'" in err
