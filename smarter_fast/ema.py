@@ -11,6 +11,7 @@ Cost: one in-place lerp over the parameters per step (three streams of 4 bytes p
 from __future__ import annotations
 
 import copy
+
 import torch
 
 

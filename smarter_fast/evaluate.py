@@ -202,8 +202,8 @@ def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap,
     rank, world = (distributed.rank(), distributed.world()) if sharded else (0, 1)
     try:
         with torch.inference_mode():
-            for k, start in enumerate(range(0, len(order), batch_size)):
-                if k % world != rank:
+            for n_batch, start in enumerate(range(0, len(order), batch_size)):
+                if n_batch % world != rank:
                     continue
                 idx = order[start:start + batch_size]
                 b = data.batch(idx, swap=swap)

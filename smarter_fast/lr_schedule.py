@@ -107,6 +107,7 @@ class LRSchedule:
         self.optimizer, self.kind = optimizer, kind
         self.total = None if total_steps is None else int(total_steps)
         self.warmup, self.warmup_fraction = int(warmup), float(warmup_fraction)
+        self.last_factor = None  # the factor of the last apply()
         for g in optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
 
@@ -132,7 +133,7 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         """The factor in effect (the schedule itself is a function of the step and the options)."""
-        return {"last_factor": getattr(self, "last_factor", None)}
+        return {"last_factor": self.last_factor}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("last_factor") is not None:

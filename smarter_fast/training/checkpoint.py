@@ -25,6 +25,7 @@ Atomicity (a SIGKILL at any instant leaves a complete checkpoint behind):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 
 from .. import distributed
 
+log = logging.getLogger("smarter_fast")
 FORMAT_VERSION = 3  # 3: one train_state.pt of component state dicts (2: optimizer.pt + JSON keys)
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "train_state.pt", "trainer_state.json")
 
@@ -217,8 +219,7 @@ class Checkpointer:
                 if name in ranks[distributed.rank()]:
                     component.load_state_dict(ranks[distributed.rank()][name])
         else:
-            import logging
-            logging.getLogger("smarter_fast").warning(
+            log.warning(
                 f"checkpoint was written by {len(ranks)} process(es), this run has "
                 f"{distributed.world()}: per-process states (RNG) are not restored")
         return summary

@@ -4,7 +4,7 @@ over `run` and `run_ensemble`.
 
 Writes into config.out (default runs/<date-time>/):
   metrics.jsonl            one JSON object per epoch (dev metrics, training loss per task, speed)
-  config.json-like args.json  the resolved configuration
+  args.json                the resolved configuration
   checkpoints/last, best   the model (save_pretrained) + train_state.pt + trainer_state.json
   predictions/             leaderboard .csv files of the best checkpoint (dev and test-student)
   plots/                   training_loss.png, dev_metrics.png, sst_confusion.png

@@ -12,7 +12,7 @@ over ranks, with the stop request and the epoch's time), the LR schedule, `optim
 the weight averages, `zero_grad`. The Trainer's loop and the benchmarks both call it.
 
 To add a step shape: a class with `epoch_items(epoch)`, `run(item, global_step) -> StepResult`,
-`where(item)`, and optionally `applied(totals)` / `extra_stats(totals)`.
+`where(item)`, `examples(item)`, and optionally `applied(totals)` / `extra_stats(totals)`.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ class BatchSteps:
     def where(self, item) -> str:
         return item[0]
 
+    def examples(self, item) -> int:
+        """Examples the item trains (over all ranks), for progress."""
+        return len(item[1]["labels"])
+
     def applied(self, totals) -> None:
         pass
 
@@ -91,6 +95,9 @@ class SingleTaskSteps(BatchSteps):
 
     def epoch_items(self, epoch):
         return self.schedule.epoch_steps(epoch)
+
+    def examples(self, item) -> int:
+        return len(item[1])
 
     def run(self, item, global_step) -> StepResult:
         task, global_indices = item
@@ -134,6 +141,9 @@ class SurgerySteps(BatchSteps):
 
     def where(self, item) -> str:
         return self.surgery.method
+
+    def examples(self, item) -> int:
+        return sum(len(ix) for ix in item[0].values())
 
     def applied(self, totals) -> None:
         c = self.surgery.last_cosines

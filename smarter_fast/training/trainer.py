@@ -240,16 +240,10 @@ class Trainer:
 
     def _progress_bar(self, epoch, items, start):
         from tqdm import tqdm
-        sizes = [self._examples(item) for item in items]
+        sizes = [self.shape.examples(item) for item in items]
         return tqdm(total=sum(sizes), initial=sum(sizes[:start]), disable=not distributed.is_main(),
                     desc=f"epoch {self.epoch_label(epoch)}{self.tag}", unit="ex", dynamic_ncols=True,
                     mininterval=1.0, leave=False, file=sys.stderr)
-
-    @staticmethod
-    def _examples(item) -> int:
-        if isinstance(item[0], dict):  # a gradient-surgery group
-            return sum(len(ix) for ix in item[0].values())
-        return len(item[1])
 
     def _show(self, bar, result, running, seconds) -> None:
         bar.update(result.examples)
