@@ -21,6 +21,7 @@ from smarter_fast.data.batching import (LengthBucketSampler, pad_batch,  # noqa:
 from smarter_fast.data.cs224n import read_sst  # noqa: E402
 from smarter_fast.losses import task_loss  # noqa: E402
 from smarter_fast.model import MultitaskBert  # noqa: E402
+from smarter_fast.model.grad_sinks import attach_grad_sinks  # noqa: E402
 from smarter_fast.optim import AdamW  # noqa: E402
 
 
@@ -39,6 +40,7 @@ def main(data_dir: Path, steps: int = 25, batch_size: int = 32) -> None:
 
     model = MultitaskBert.from_pretrained().train()
     opt = AdamW(model.parameters(), lr=1e-5)
+    attach_grad_sinks(model, opt)  # as the Trainer's step does
 
     def step(b):
         loss = task_loss("sst", model.predict_sentiment(b["input_ids"], b["attention_mask"]),

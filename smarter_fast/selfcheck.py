@@ -222,10 +222,14 @@ def _our_model(backend):
 
 
 def _our_optimizer(model, backend):
+    """The optimizer a training run uses, with the model's gradient sinks attached to it."""
+    from .model.grad_sinks import attach_grad_sinks
+
     try:
         from .optim import AdamW
-        return AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, backend=backend), \
-            f"smarter_fast.optim.AdamW(backend={backend!r})"
+        opt = AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, backend=backend)
+        attach_grad_sinks(model, opt)
+        return opt, f"smarter_fast.optim.AdamW(backend={backend!r})"
     except Exception as e:  # the optimizer module may be absent in a partial checkout
         return (torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True),
                 f"torch fused AdamW (smarter_fast.optim unavailable: {e})")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..model.grad_sinks import attach_grad_sinks
 
 PAIR_SWAP_SALT = 7_211
 
@@ -163,6 +164,8 @@ class TrainStep:
 
     def __init__(self, model, optimizer, shape, guard=None, lr=None, averages=(), stop=None, device="cpu"):
         self.model, self.optimizer, self.shape = model, optimizer, shape
+        # the encoder writes its gradients into the optimizer's memory (DDP: the inner module)
+        self.grad_sinks = attach_grad_sinks(getattr(model, "module", model), optimizer)
         self.guard, self.lr, self.averages, self.stop = guard, lr, list(averages), stop
         self.device = device
         self.stop_now, self.agreed_seconds = False, 0.0

@@ -8,7 +8,7 @@ from smarter_fast.model.bert import packed_position_ids
 
 transformers = pytest.importorskip("transformers")
 
-TOL_HF = 1e-4  # DESIGN.md §3
+TOL_HF = 1e-4  # docs/design.md, "Ops and their contracts"
 TOL_PACKED = 1e-5
 
 
