@@ -1,9 +1,9 @@
 """The casts bf16 training pays around each Linear, CPU (the issue-5 bf16 path).
 
 Group `bf16-bias-grad`: the bias gradient of a bf16 Linear at (400 tokens, 1536 outputs) into
-an fp32 buffer: `sum-bf16` sums in bf16 and casts the 1536 sums once (smarter_fast.model.bert
-._bias_grad, as autocast's F.linear does); `sum-dtype-f32` is `torch.sum(g, 0, dtype=float32)`,
-which first casts the whole gradient (the code before 2026-11-27).
+an fp32 buffer: `sum-bf16` sums in bf16 and casts the 1536 sums once (smarter_fast.model.grad_sinks
+.bias_grad, as autocast's F.linear does); `sum-dtype-f32` is `torch.sum(g, 0, dtype=float32)`,
+which first casts the whole gradient.
 
 Group `bf16-weight-copy`: one AdamW step on the MiniLM parameter set (22.7M) that also leaves a
 bf16 copy of the 10.6M encoder Linear weights for the next forward: `fused` writes the copy in
@@ -28,13 +28,13 @@ COPY_N = 10_616_832  # its 6 x 4 encoder Linear weights, 6 x (4 x 384^2 + 2 x 38
 
 
 @pytest.mark.parametrize("provider", ["sum-dtype-f32", "sum-bf16"])
-def bench_bias_grad(benchmark, provider):
-    from smarter_fast.model.bert import _bias_grad
+def benchbias_grad(benchmark, provider):
+    from smarter_fast.model.grad_sinks import bias_grad
 
     g = torch.randn(TOKENS, OUT).bfloat16()
     out = torch.empty(OUT)
     if provider == "sum-bf16":
-        fn = lambda: _bias_grad(g, torch.float32, out=out)  # noqa: E731
+        fn = lambda: bias_grad(g, torch.float32, out=out)  # noqa: E731
     else:
         fn = lambda: torch.sum(g, 0, dtype=torch.float32, out=out)  # noqa: E731
     label(benchmark, "bf16-bias-grad", provider, baseline="sum-dtype-f32", shape=f"{TOKENS}x{OUT}")

@@ -1,7 +1,7 @@
 """`python -m smarter_fast.info`: versions, the C++ extension, and every op x backend.
 
 One line per op and backend, `<op> <backend> available` or `<op> <backend> unavailable:
-<reason>` (DESIGN.md §2). Exits 0 whenever the package imports.
+<reason>` (docs/design.md, "Op dispatch"). Exits 0 whenever the package imports.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """AdamW with the CS224N minBERT semantics, stepping flat buffers in one fused call per group.
 
-Semantics (DESIGN.md §3), per parameter with its own step count t:
+Semantics (docs/design.md, "Ops and their contracts"), per parameter with its own step count t:
 
     m = beta1 m + (1 - beta1) g
     v = beta2 v + (1 - beta2) g^2
     p -= lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)    (lr if not correct_bias)
     p -= lr * weight_decay * p                                          (after the update)
 
-Layout (what makes it fast, DESIGN.md §5.2). For each parameter group, the parameters that
+Layout (what makes it fast). For each parameter group, the parameters that
 require grad and are dense fp32 are packed per device into one *bucket*: four contiguous flat
 buffers (params, grads, exp_avg, exp_avg_sq). At construction each parameter's data is copied
 into the flat param buffer and `p.data` re-pointed to a view of it; `state[p]['exp_avg']` and
@@ -37,8 +37,7 @@ the model to its device and dtype to keep the fused path.
 Low-precision copies (`low_precision_copy(p)`): a bf16 copy of a flat-buffered parameter that
 every step rewrites in the same fused pass as the update. bf16 training casts every Linear
 weight after each step; written here, the cast costs 2 bytes per element instead of a second
-pass reading 4 and writing 2 (that pass was 5.7% of a MiniLM bf16 step on this project's CPU;
-the net gain measured was smaller, about 2%: benchmarks/README.md).
+pass reading 4 and writing 2 (its gain: benchmarks/README.md).
 
 `state_dict()` saves like any torch optimizer: per parameter `step` (a float32 scalar tensor,
 as torch.optim.AdamW) and `exp_avg` / `exp_avg_sq` shaped like the parameter (copies, so the

@@ -1,10 +1,9 @@
 """`--precision auto`: bf16 autocast only where the hardware runs bf16 matmuls natively.
 
-bf16 pays on GPUs with bf16 support and on CPUs with AVX512-BF16 or AMX (1024x384x1536: 287
-GFLOP/s against 122 in fp32 on a 2-core AVX-512 EPYC). Without them oneDNN has no bf16 kernel and
-torch falls back to scalar code: 1.2-1.4 GFLOP/s against 55-126 in fp32 on a 2-core AVX2 EPYC
-(Zen 3), a training run about 25x slower than fp32. So `auto` picks fp32 there, and an explicit
-bf16 on such a CPU is run as asked but with a warning.
+bf16 pays on GPUs with bf16 support and on CPUs with AVX512-BF16 or AMX. Without them oneDNN
+has no bf16 kernel and torch falls back to scalar code, an order of magnitude slower than fp32
+(figures: benchmarks/README.md). So `auto` picks fp32 there, and an explicit bf16 on such a CPU is
+run as asked but with a warning.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ encoder's gradient, and the optimizer steps as usual.
 Both algorithms only ever add multiples of the original g_j to a g_i, so they run on the rows'
 (T, T) Gram matrix (`gram`, float64): each result is sum_k A[i, k] g_k, every dot product and norm
 they need is a small product with the Gram matrix, and the D-vectors are read twice a step (the
-Gram matrix, then the weighted sum) instead of copied to float64 for every pair: 13-22x faster
-than the per-vector form on MiniLM's encoder (benchmarks/bench_surgery.py). The per-vector forms
+Gram matrix, then the weighted sum) instead of copied to float64 for every pair (against the
+per-vector form: benchmarks/bench_surgery.py). The per-vector forms
 (`pcgrad_reference`, `GradVac.reference`) are kept as the tests' reference.
 
 - PCGrad: for each task i, for the other tasks j in random order: if g_i . g_j < 0, project g_i
@@ -51,7 +51,7 @@ def gram(grads: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
 
 def _weighted_sum(grads: torch.Tensor, weights, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k weights[k] * grads[k] (float32), streaming over the rows (a (T,) @ (T, D) product
-    reads grads column-wise, about 1.5x slower here)."""
+    reads grads column-wise, which is slower)."""
     weights = [float(w) for w in weights]
     out = torch.mul(grads[0], weights[0], out=out)
     for row, w in zip(grads[1:], weights[1:]):

@@ -1,4 +1,4 @@
-"""`python -m smarter_fast.info`: one line per op and backend (DESIGN.md §2)."""
+"""`python -m smarter_fast.info`: one line per op and backend (docs/design.md, "Op dispatch")."""
 
 import os
 import re

@@ -1,4 +1,4 @@
-"""Backend records and selection for the hot ops (DESIGN.md §2).
+"""Backend records and selection for the hot ops (docs/design.md, "Op dispatch").
 
 Each op has up to three backends with one signature: `triton` (CUDA, or CPU under
 TRITON_INTERPRET=1), `cpp` (smarter_fast._C) and `ref` (plain PyTorch, always works). Automatic
@@ -115,7 +115,7 @@ class Op:
         for candidate in self.ordered():
             reasons = candidate.not_supported_reasons(tensors, **options)
             if not reasons and candidate.name == "triton" and _on_cpu(tensors):
-                # The interpreter is ~1000x slower than the C++ or PyTorch paths: for tests only.
+                # The interpreter is orders of magnitude slower than the C++ or PyTorch paths: tests only.
                 reasons = ["the Triton interpreter (TRITON_INTERPRET=1) runs CPU tensors only "
                            "when backend='triton' is requested explicitly"]
             if not reasons:

@@ -1,6 +1,6 @@
 """Pure-PyTorch attention with a key-padding mask: the oracle for the other backends.
 
-Contract (DESIGN.md §3): keys that are padding get no weight; rows of padded queries are zero
+Contract (docs/design.md, "Ops and their contracts"): keys that are padding get no weight; rows of padded queries are zero
 in the output and pass no gradient, so every backend is free to skip them.
 
 Dropout here is F.dropout (torch's own mask). The cpp and triton kernels draw theirs from
