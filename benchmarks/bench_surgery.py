@@ -45,7 +45,7 @@ def _per_vector_combine(surgery):
         norms = Gd.norm(dim=1).clamp(min=1e-30)
         surgery.last_cosines = ((Gd @ Gd.T) / norms[:, None] / norms[None, :]).float()
         if surgery.method == "pcgrad":
-            from smarter_fast.surgery import pcgrad_reference
+            from smarter_fast.regularizers.surgery import pcgrad_reference
             combined, _ = pcgrad_reference(G, surgery.rng)
         else:
             combined, _ = surgery.gradvac.reference(G, surgery.rng)
@@ -58,7 +58,7 @@ def _per_vector_combine(surgery):
 @pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
 @pytest.mark.parametrize("provider", ["per-vector", "gram"])
 def bench_surgery_combine(benchmark, results, encoder, method, provider):
-    from smarter_fast.surgery import GradientSurgery
+    from smarter_fast.regularizers.surgery import GradientSurgery
 
     surgery = GradientSurgery(encoder, ["sst", "quora", "sts"], method, seed=0)
     _fill(surgery)

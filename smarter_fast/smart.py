@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .ema import WeightEma
+from .regularizers.ema import WeightEma
 from .losses import HEAD_OF, task_loss
 
 SMART_MODES = ("off", "simple", "full")

@@ -27,11 +27,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .data.schedules import SCHEDULES
-from .lr_schedule import LR_SCHEDULES
+from .optim.lr_schedule import LR_SCHEDULES
 from .precision import PRECISIONS
-from .recipes import RECIPES, recipe_defaults
+from .training.recipes import RECIPES, recipe_defaults
 from .smart import SMART_MODES
-from .surgery import SURGERIES
+from .regularizers.surgery import SURGERIES
 from .training.config import DEFAULT_EPOCHS, MODEL_OPTIONS, ConfigError, TrainConfig
 from .training.run import DEMO_LR, REPORT_LR, UsageError, run, run_ensemble
 
@@ -271,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--pretrained {args.pretrained}: directory not found (expected a Hugging Face "
                 f"BERT directory with config.json, model.safetensors and vocab.txt)")
     if args.pretrained is not None:
-        from .validation import check_pretrained_dir
+        from .model.checkpoint import check_pretrained_dir
         problem = check_pretrained_dir(args.pretrained)
         if problem:
             p.error(problem)

@@ -1,7 +1,7 @@
 """Pair layouts in the data (EncodedTask / encode_split) and `--pooling` / `--pair-features` end to
 end: train, checkpoint, `python -m smarter_fast.evaluate` on it. `--pair-order symmetric`: pairs
 encoded in both orders, trained in a random order per example, predicted as the mean over both
-orders, saved with the checkpoint; with `--ema` (smarter_fast.ema) on top."""
+orders, saved with the checkpoint; with `--ema` (smarter_fast.regularizers.ema) on top."""
 
 import json
 
@@ -263,7 +263,7 @@ def test_train_symmetric_with_ema_then_evaluate_cli(tiny, tmp_path, capsys):
 
 
 def test_weight_ema_update_rule(tiny):
-    from smarter_fast.ema import WeightEma
+    from smarter_fast.regularizers.ema import WeightEma
     from smarter_fast.model import MultitaskBert
     model = MultitaskBert.from_pretrained(tiny[0], backend="ref")
     ema = WeightEma(model, 0.99)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from smarter_fast.lr_schedule import LRSchedule, lr_factor, param_groups, warmup_steps
+from smarter_fast.optim.lr_schedule import LRSchedule, lr_factor, param_groups, warmup_steps
 from smarter_fast.model import BertConfig, BertModel, MultitaskBert
 from smarter_fast.optim import AdamW
 
@@ -44,7 +44,7 @@ def test_layer_decay_groups_and_schedule():
 
 
 def test_time_budget_factors_follow_progress():
-    from smarter_fast.lr_schedule import lr_factor_at
+    from smarter_fast.optim.lr_schedule import lr_factor_at
     assert lr_factor_at(0.0, 0.1, "linear") == pytest.approx(0.01)  # never 0
     assert lr_factor_at(0.05, 0.1, "linear") == pytest.approx(0.5)
     assert lr_factor_at(0.1, 0.1, "linear") == pytest.approx(1.0)
@@ -57,7 +57,7 @@ def test_time_budget_factors_follow_progress():
 
 def test_time_budget_schedule_ends_at_whichever_comes_first():
     import torch
-    from smarter_fast.lr_schedule import LRSchedule
+    from smarter_fast.optim.lr_schedule import LRSchedule
     opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.2)
     budget_only = LRSchedule(opt, None, kind="linear", warmup_fraction=0.0)
     assert budget_only.apply(5, progress=0.25) == pytest.approx(0.75)

@@ -3,7 +3,7 @@ explicit flags override; the resolved settings are described for the run's log."
 
 import pytest
 
-from smarter_fast.recipes import RECIPE_KEYS, RECIPES, describe, format_settings, recipe_defaults
+from smarter_fast.training.recipes import RECIPE_KEYS, RECIPES, describe, format_settings, recipe_defaults
 from smarter_fast.train import DEFAULT_EPOCHS, build_parser, parse_args
 
 

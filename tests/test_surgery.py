@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from smarter_fast.surgery import GradientSurgery, GradVac, gram, pcgrad, pcgrad_reference
+from smarter_fast.regularizers.surgery import GradientSurgery, GradVac, gram, pcgrad, pcgrad_reference
 
 
 def test_pcgrad_makes_conflicting_gradients_non_conflicting():

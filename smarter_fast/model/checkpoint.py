@@ -225,6 +225,25 @@ def resolve_checkpoint_dir(path=None) -> Path:
     return directory
 
 
+
+def check_pretrained_dir(path) -> str | None:
+    """None when `path` looks like a loadable BERT directory, else a one-line message naming
+    what is missing (checked before a run starts, where argparse types cannot)."""
+    d = Path(path)
+    expected = "a Hugging Face BERT directory with config.json, model.safetensors (or pytorch_model.bin) and vocab.txt"
+    if not d.is_dir():
+        return f"--pretrained {path}: directory not found (expected {expected})"
+    missing = [f for f in ("config.json", "vocab.txt") if not (d / f).is_file()]
+    if not any((d / f).is_file() for f in WEIGHT_FILES):
+        missing.append("model.safetensors or pytorch_model.bin")
+    if missing:
+        return f"--pretrained {path}: lacks {', '.join(missing)} (expected {expected})"
+    try:
+        read_config(d)
+    except (ValueError, FileNotFoundError) as e:
+        return f"--pretrained {path}: {e}"
+    return None
+
 def warn_unused(extra: dict, source) -> None:
     if extra:
         names = sorted(extra)
@@ -267,5 +286,5 @@ def save_checkpoint(model_or_state, directory, config, vocab_file=None,
     return directory
 
 
-__all__ = ["default_checkpoint_dir", "read_config", "read_head_options", "read_weights", "load_bert_state",
+__all__ = ["check_pretrained_dir", "default_checkpoint_dir", "read_config", "read_head_options", "read_weights", "load_bert_state",
            "resolve_checkpoint_dir", "save_checkpoint", "to_hf_state_dict", "from_hf_state_dict"]

@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 
 from ..data.schedules import SAMPLERS, SCHEDULES
-from ..lr_schedule import LR_SCHEDULES
+from ..optim.lr_schedule import LR_SCHEDULES
 from ..precision import PRECISIONS
 from ..smart import SMART_MODES
-from ..surgery import SURGERIES
+from ..regularizers.surgery import SURGERIES
 
 DEFAULT_EPOCHS = 10
 BACKENDS = ("auto", "ref", "cpp", "triton")

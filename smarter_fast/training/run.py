@@ -30,8 +30,8 @@ from .. import distributed
 from ..data.cs224n import DataError, find_data_files, load_cs224n
 from ..data.schedules import TASK_ORDER, Schedule, resolve_split_parts
 from ..precision import resolve_precision
-from ..recipes import describe as describe_recipe
-from ..recipes import format_settings
+from .recipes import describe as describe_recipe
+from .recipes import format_settings
 from .checkpoint import CheckpointError, check_format, clean_temporaries, find_last_checkpoint, find_older_checkpoint
 from .config import MODEL_OPTIONS, TrainConfig
 from .trainer import Trainer
@@ -247,7 +247,7 @@ def _describe_recipe(config, setup, checkpoint_options: dict) -> dict:
 def build_model(config: TrainConfig, device, resume_dir=None):
     """(model, optimizer) on `device`: from the last checkpoint when resuming, else from
     --pretrained (None: the embedded checkpoint)."""
-    from ..lr_schedule import param_groups
+    from ..optim.lr_schedule import param_groups
     from ..model import MultitaskBert
     from ..ops import BackendUnavailableError
     from ..optim import AdamW

@@ -28,10 +28,10 @@ import torch
 
 from .. import distributed
 from ..data.schedules import TASK_ORDER
-from ..ema import WeightEma
-from ..lr_schedule import LRSchedule, warmup_steps
+from ..regularizers.ema import WeightEma
+from ..optim.lr_schedule import LRSchedule, warmup_steps
 from ..smart import EmaTeacher, step_seed
-from ..surgery import GradientSurgery
+from ..regularizers.surgery import GradientSurgery
 from .checkpoint import Checkpointer, copy_checkpoint, find_last_checkpoint, is_complete, read_state
 from .components import (EpochTotals, NonFiniteGuard, Progress, RngState, RunRecord, ScheduleIdentity,
                          StopRequest, Stopped, TrainingClock)

@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import adamw_step_
-from .ops.registry import BACKEND_NAMES
+from ..ops import adamw_step_
+from ..ops.registry import BACKEND_NAMES
 
 def _check_hparams(lr, betas, eps, weight_decay, backend) -> None:
     lr_value = float(lr) if torch.is_tensor(lr) else lr
