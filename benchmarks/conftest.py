@@ -57,9 +57,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["platform"] = platform.platform()
     try:
-        from smarter_fast.info import _cpu_flags  # the flags `python -m smarter_fast.info` shows
+        from smarter_fast.diagnostics.environment import cpu_flags  # the flags `python -m smarter_fast.info` shows
 
-        machine_info["cpu_flags"] = _cpu_flags()
+        machine_info["cpu_flags"] = cpu_flags()
     except Exception:
         pass
     try:
