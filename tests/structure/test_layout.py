@@ -1,5 +1,7 @@
-"""The package's structure: no import cycles (imports inside functions included), and short
-functions in the training engine and the commands."""
+"""The package's structure (docs/design.md, "Layers"): no import cycles (imports inside functions
+included), imports that run downwards only (commands -> training application -> library -> ops),
+short functions in the training engine and the commands, a model file that is a model, and no
+process-wide optimizer hooks."""
 
 import ast
 from pathlib import Path
@@ -7,8 +9,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "smarter_fast"
 MAX_FUNCTION_LINES = 80
 # the training engine and the command-line tools (python -m smarter_fast.<command>)
+COMMANDS = ("train", "evaluate", "ablate", "info", "build", "selfcheck")
 SHORT_FUNCTION_FILES = sorted(PACKAGE.glob("training/*.py")) + [
-    PACKAGE / f"{name}.py" for name in ("train", "evaluate", "ablate", "info", "build", "selfcheck")]
+    PACKAGE / f"{name}.py" for name in COMMANDS]
+MAX_COMMAND_LINES = 330  # a command parses arguments and calls the library (train: ~50 flags)
 
 
 def module_name(path: Path) -> str:
@@ -103,3 +107,50 @@ def test_functions_in_the_engine_and_commands_are_short():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, "functions over 80 lines:\n" + "\n".join(long)
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 2 and parts[1] in COMMANDS:
+        return "command"
+    if len(parts) >= 2 and parts[1] == "training":
+        return "training"
+    if len(parts) >= 2 and parts[1] == "ops":
+        return "ops"
+    return "library"
+
+
+def test_imports_run_downwards_only():
+    """The library never imports the training application or a command; the training
+    application never imports a command; ops import nothing else of the package."""
+    allowed = {"command": {"command", "training", "library", "ops"},
+               "training": {"training", "library", "ops"},
+               "library": {"library", "ops"},
+               "ops": {"ops"}}
+    wrong = [f"{m} ({layer_of(m)}) imports {d} ({layer_of(d)})"
+             for m, deps in sorted(import_graph().items()) for d in sorted(deps)
+             if layer_of(d) not in allowed[layer_of(m)]]
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_every_command_runs_as_a_module_and_stays_thin():
+    for name in COMMANDS:
+        path = PACKAGE / f"{name}.py"
+        text = path.read_text()
+        assert 'if __name__ == "__main__":' in text, name
+        assert len(text.splitlines()) <= MAX_COMMAND_LINES, f"{name}.py: {len(text.splitlines())} lines"
+
+
+def test_the_model_file_is_a_model():
+    """bert.py holds the encoder; the gradient machinery lives in model/grad_sinks.py."""
+    bert = (PACKAGE / "model" / "bert.py").read_text()
+    assert len(bert.splitlines()) < 300
+    assert "autograd.Function" not in bert and "torch.optim" not in bert and "._grad_sink" not in bert
+
+
+def test_no_process_wide_optimizer_hooks_and_no_outside_design_file():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        assert "register_optimizer_step_pre_hook" not in text, path
+        assert "register_optimizer_step_post_hook" not in text, path
+        assert "DESIGN.md" not in text, f"{path} cites a file outside the repository"
