@@ -27,8 +27,15 @@ VARIANTS = {
 
 # Sources compiled once, with the common flags. Default-capability objects come first in the link
 # so that inline functions shared by several variants resolve to their baseline (portable) copy.
+# One registration file per op (csrc/<op>/<op>.cpp) beside the namespace's csrc/library.cpp;
+# the basenames must differ, as torch's JIT build names each object after its source's basename.
 COMMON_SOURCES = [
-    "csrc/registration.cpp",
+    "csrc/library.cpp",
+    "csrc/smart/smart.cpp",
+    "csrc/adamw/adamw.cpp",
+    "csrc/attention/attention.cpp",
+    "csrc/layernorm/layernorm.cpp",
+    "csrc/testing/testing.cpp",
     "csrc/kernels/dispatch.cpp",
 ]
 

@@ -40,7 +40,7 @@ _lock = threading.Lock()
 def source_dir() -> Path | None:
     """csrc/ beside the package (source checkout, editable install) or shipped inside it."""
     for candidate in (_PKG.parent / "csrc", _PKG / "_csrc"):
-        if (candidate / "registration.cpp").is_file():
+        if (candidate / "library.cpp").is_file():
             return candidate
     return None
 

@@ -32,9 +32,11 @@ def main(argv=None) -> int:
     variants = ", ".join(_ext.caps.variant_names())
     print(f"built variants {variants} in {status.path}")
     print(f"this CPU runs the {torch.ops.smarter_fast.kernel_variant()} kernels")
-    ops = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
-                 if n.startswith("smarter_fast::"))
-    print(f"operators: {', '.join(ops)}")
+    names = torch._C._dispatch_get_all_op_names()
+    for label, namespace in (("operators", "smarter_fast"),
+                             ("test-only operators", "smarter_fast_testing")):
+        ops = sorted(n.split("::", 1)[1] for n in names if n.startswith(namespace + "::"))
+        print(f"{label} ({namespace}): {', '.join(ops)}")
     return 0
 
 

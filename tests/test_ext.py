@@ -127,3 +127,21 @@ except ops.BackendUnavailableError as e:
     assert "RAISED" in out.stdout and "(by SMARTER_FAST_BACKEND=cpp)" in out.stdout
     if "no C++ compiler" in out.stderr:  # the build was attempted: the startup line says what follows
         assert "SMARTER_FAST_BACKEND=cpp asks for it, so the ops will fail" in out.stderr
+
+
+def test_test_only_ops_live_outside_the_production_namespace():
+    import torch
+
+    from smarter_fast import _ext
+
+    if not _ext.load().loaded:
+        pytest.skip(f"extension unavailable here: {_ext.load().error}")
+    for name in ("attention_dropout_mask", "dropout_add_layer_norm_mask"):
+        assert hasattr(torch.ops.smarter_fast_testing, name)
+        assert not hasattr(torch.ops.smarter_fast, name)
+    ops = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("smarter_fast::")}
+    assert {"smarter_fast::kernel_variant", "smarter_fast::smart_mse", "smarter_fast::adamw_step_",
+            "smarter_fast::attention_fwd", "smarter_fast::attention_varlen_bwd",
+            "smarter_fast::dropout_add_layer_norm_backward"} <= ops
+    m = torch.ops.smarter_fast_testing.dropout_add_layer_norm_mask(1000, 0.5, 3)
+    assert m.shape == (1000,) and set(m.unique().tolist()) == {0.0, 2.0}

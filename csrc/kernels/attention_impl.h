@@ -1,8 +1,8 @@
 // Variable-length attention, forward and backward, for one (sequence, head) at a time.
 // Included by kernels_impl.h, so it is compiled once per CPU capability (DEFAULT, AVX2, AVX512)
 // and sees at::vec::Vectorized<float> at that width. Raw pointers only: the operators in
-// registration.cpp check the tensors, allocate the outputs and run (sequence, head) items in
-// parallel, each with its own workspace.
+// csrc/attention/attention.cpp check the tensors, allocate the outputs and run (sequence, head)
+// items in parallel, each with its own workspace.
 //
 // Only the n real tokens of a sequence are touched: q, k, v rows are gathered (any row stride,
 // fp32 or bf16) into small fp32 buffers padded to whole vectors, the scores of the whole

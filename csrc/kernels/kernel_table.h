@@ -2,7 +2,8 @@
 //
 // The capability translation units (capability_*.cpp) include only ATen's vector headers and
 // work on plain pointers over [begin, end) ranges; threading (at::parallel_for), tensor checks
-// and the choice of variant live in dispatch.cpp and registration.cpp, compiled once.
+// and the choice of variant live in dispatch.cpp and the per-op registration files
+// (csrc/<op>/<op>.cpp), compiled once.
 #pragma once
 
 #include <cstdint>

@@ -126,5 +126,5 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0):
 def dropout_mask(n_seq, heads, length, dropout_p, seed):
     """For tests: the kernels' dropout multipliers (keep / (1 - p), or 0) as (n_seq, heads,
     length, length), [b, h, i, j] for query i and key j of sequence b."""
-    return torch.ops.smarter_fast.attention_dropout_mask(n_seq, heads, length, float(dropout_p),
-                                                         int(seed))
+    return torch.ops.smarter_fast_testing.attention_dropout_mask(
+        n_seq, heads, length, float(dropout_p), int(seed))

@@ -98,4 +98,5 @@ def dropout_mask(n: int, dropout_p: float, seed: int) -> torch.Tensor:
     """The kernels' multipliers (keep / (1 - p') or 0, p' = round(p * 2^16) / 2^16) of flat
     elements 0..n-1 under `seed`: for tests."""
     availability()
-    return torch.ops.smarter_fast.dropout_add_layer_norm_mask(int(n), float(dropout_p), int(seed))
+    return torch.ops.smarter_fast_testing.dropout_add_layer_norm_mask(int(n), float(dropout_p),
+                                                                      int(seed))
