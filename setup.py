@@ -4,7 +4,7 @@ Where the build can import torch (for example `pip install --no-build-isolation 
 extension smarter_fast._C is compiled ahead of time with ninja. Under pip's default build
 isolation torch is not importable here, and installing it into the isolated environment would
 fetch a second (multi-GB) torch; so the package then installs without the extension and
-smarter_fast/_ext.py compiles the same sources on first use (or `python -m smarter_fast.build`).
+smarter_fast/ops/extension.py compiles the same sources on first use (or `python -m smarter_fast.build`).
 """
 
 import os
@@ -14,7 +14,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-caps = runpy.run_path(os.path.join(ROOT, "smarter_fast", "_capabilities.py"))
+caps = runpy.run_path(os.path.join(ROOT, "smarter_fast", "ops", "capabilities.py"))
 
 ext_modules = []
 cmdclass = {}

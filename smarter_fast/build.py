@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
     args = parser.parse_args(argv)
 
-    from . import _ext
+    from .ops import extension as _ext
 
     try:
         from . import _C  # noqa: F401

@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import torch
-from smarter_fast import _ext, ops
+from smarter_fast import ops
+from smarter_fast.ops import extension as _ext
 s = _ext.load()
 print("MODE", s.mode, s.loaded)
 a, b = torch.randn(5, 3), torch.randn(5, 3)
@@ -132,7 +133,7 @@ except ops.BackendUnavailableError as e:
 def test_test_only_ops_live_outside_the_production_namespace():
     import torch
 
-    from smarter_fast import _ext
+    from smarter_fast.ops import extension as _ext
 
     if not _ext.load().loaded:
         pytest.skip(f"extension unavailable here: {_ext.load().error}")

@@ -39,7 +39,7 @@ def test_info_lists_every_op_and_backend():
 
 
 def test_info_reports_cpp_kernels_when_the_extension_loads():
-    from smarter_fast import _ext
+    from smarter_fast.ops import extension as _ext
 
     if not _ext.load().loaded:
         pytest.skip(f"extension unavailable here: {_ext.load().error}")

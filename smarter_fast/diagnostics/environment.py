@@ -24,7 +24,8 @@ def cpu_flags() -> str:
 def report() -> list[str]:
     import torch
 
-    from .. import __version__, _ext
+    from .. import __version__
+    from ..ops import extension as _ext
     from ..ops import OPS
     from ..ops.registry import ENV_VAR, resolve_request, triton_interpret
 

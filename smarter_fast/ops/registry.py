@@ -161,9 +161,9 @@ def cpp_availability(schema_name: str,
     runs once, the first time the op is found usable."""
 
     def availability() -> str | None:
-        from .. import _ext
+        from .extension import load
 
-        status = _ext.load()
+        status = load()
         if not status.loaded:
             return status.error or "C++ extension not loaded"
         if not torch._C._dispatch_has_kernel_for_dispatch_key(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-CAPS = runpy.run_path(str(ROOT / "smarter_fast" / "_capabilities.py"))
+CAPS = runpy.run_path(str(ROOT / "smarter_fast" / "ops" / "capabilities.py"))
 OP_DIRS = ("smart", "adamw", "attention", "layernorm")  # as smarter_fast/ops/
 TEST_ONLY = ("attention_dropout_mask", "dropout_add_layer_norm_mask")
 
@@ -54,7 +54,7 @@ def test_setup_depends_on_every_header():
 
 
 def test_ext_finds_csrc_by_a_file_that_exists():
-    text = (ROOT / "smarter_fast" / "_ext.py").read_text()
+    text = (ROOT / "smarter_fast" / "ops" / "extension.py").read_text()
     probe = re.search(r'candidate / "([^"]+)"', text).group(1)
     assert (CSRC / probe).is_file()
 

@@ -20,6 +20,10 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def all_modules() -> set[str]:
+    return {module_name(p) for p in PACKAGE.rglob("*.py")}
+
+
 def imports_of(path: Path) -> set[str]:
     """Every smarter_fast module `path` imports, at any depth of its code."""
     name = module_name(path)
@@ -37,9 +41,10 @@ def imports_of(path: Path) -> set[str]:
                 target = node.module or ""
             if not target.startswith("smarter_fast"):
                 continue
-            out.add(target)
-            for a in node.names:  # `from . import x` imports the submodule x
-                out.add(f"{target}.{a.name}")
+            modules = {f"{target}.{a.name}" for a in node.names} & all_modules()
+            out |= modules  # `from . import x` imports the submodule x
+            if len(modules) < len(node.names):  # and the package, for any other name
+                out.add(target)
     return out
 
 

@@ -19,9 +19,9 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _capabilities as caps
+from . import capabilities as caps
 
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parents[1]  # the smarter_fast package
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _ops_registered() -> bool:
 
 def _try_prebuilt(status: ExtensionStatus) -> bool:
     try:
-        from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+        from .. import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
     except ImportError as e:
         status.notes.append(f"no prebuilt smarter_fast._C ({e})")
         return False
