@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..tasks import task as task_named
 
 PAIR_SWAP_SALT = 7_211
 
@@ -104,7 +105,7 @@ class SingleTaskSteps(BatchSteps):
         part, weight = distributed.shard(range(len(global_indices)))
         indices = [global_indices[i] for i in part]
         swaps = (pair_swaps(self.seed, global_step, len(global_indices))
-                 if self.symmetric and task != "sst" else None)
+                 if self.symmetric and task_named(task).is_pair else None)
         batch = to_device(self.data[task].batch(indices, swap=None if swaps is None else swaps[part]), self.device)
         result = self.train_batch(task, batch, global_step, weight, n=len(indices))
         result.examples = len(global_indices)
@@ -128,7 +129,7 @@ class SurgerySteps(BatchSteps):
         out = StepResult()
         for task, indices in group.items():
             swaps = (pair_swaps(self.seed, global_step, len(indices), stream=self.surgery.tasks.index(task))
-                     if self.symmetric and task != "sst" else None)
+                     if self.symmetric and task_named(task).is_pair else None)
             batch = to_device(self.data[task].batch(indices, swap=swaps), self.device)
             r = self.train_batch(task, batch, global_step, weights[task], n=len(indices))
             self.surgery.collect(task)  # one task's graph at a time
