@@ -59,8 +59,9 @@ def _per_vector_combine(surgery):
 @pytest.mark.parametrize("provider", ["per-vector", "gram"])
 def bench_surgery_combine(benchmark, results, encoder, method, provider):
     from smarter_fast.regularizers.surgery import GradientSurgery
+    from smarter_fast.tasks import TASK_NAMES
 
-    surgery = GradientSurgery(encoder, ["sst", "quora", "sts"], method, seed=0)
+    surgery = GradientSurgery(encoder, TASK_NAMES, method, seed=0)
     _fill(surgery)
     group = f"surgery-combine-{method}"
     label(benchmark, group, provider, baseline="per-vector", tasks=T, params=sum(surgery.sizes))

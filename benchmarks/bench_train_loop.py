@@ -21,11 +21,12 @@ import time
 import pytest
 
 from benchutil import bf16_skip_reason, cs224n_dir, hf_pipeline_step_fn, label, rotation, trainer_step_fn
+from smarter_fast.tasks import QUORA, SST, STS
 
 BATCH = 8
 LR = 1e-5
 ROWS = 400  # one length-bucketing pool per task (Schedule.pool_batches * BATCH)
-MIX = {"sst": 9, "quora": 9, "sts": 6}  # batches per task of one split1 epoch: 36% / 38% / 26%
+MIX = {SST.name: 9, QUORA.name: 9, STS.name: 6}  # batches per task of one split1 epoch: 36% / 38% / 26%
 ROUNDS = 3
 PROVIDERS = ["hf", "step", "loop", "step-bf16", "loop-bf16"]
 

@@ -31,12 +31,13 @@ import pytest
 
 from benchutil import (Cycle, bf16_skip_reason, cs224n_dir, group_name, hf_pipeline_step_fn, label,
                        our_model_and_optimizer, record_step_ratio, rotation, trainer_step_fn)
+from smarter_fast.tasks import QUORA, SST, STS, TASKS
 
 BATCH = 8
 LR = 1e-5
 N_BATCHES = 24
 POOL_BATCHES = 50  # smarter_fast.data.schedules.Schedule.pool_batches: training buckets 400 examples at a time
-MIX = {"sst": 9, "quora": 9, "sts": 6}  # batches per task: 36% / 38% / 26% of 24
+MIX = {SST.name: 9, QUORA.name: 9, STS.name: 6}  # batches per task: 36% / 38% / 26% of 24
 PROVIDERS = ["hf", "auto", "auto-bf16"]  # hf first: the others' ratios need it
 INTERLEAVED_PASSES = 2
 
@@ -45,19 +46,21 @@ INTERLEAVED_PASSES = 2
 def task_examples():
     """{task: (ids, type_ids, labels)} of the first rows of each training file."""
     from smarter_fast.data import load_tokenizer
-    from smarter_fast.data.cs224n import read_quora, read_sst, read_sts
+    from smarter_fast.data.cs224n import read_task_file
     from smarter_fast.data.tokenize import encode_pairs, encode_sentences
 
     directory, real = cs224n_dir()
     tok = load_tokenizer()
     out = {}
     n = BATCH * POOL_BATCHES
-    sst, _ = read_sst(directory / "ids-sst-train.csv", limit=n)
-    out["sst"] = (*encode_sentences(tok, [e.sentence for e in sst]), [int(e.label) for e in sst])
-    for task, reader, path in (("quora", read_quora, "quora-train.csv"), ("sts", read_sts, "sts-train.csv")):
-        rows, _ = reader(directory / path, limit=n)
-        ids, types = encode_pairs(tok, [e.sentence1 for e in rows], [e.sentence2 for e in rows])
-        out[task] = (ids, types, [float(e.label) for e in rows])
+    for t in TASKS:
+        rows, _ = read_task_file(directory / t.file_name("train"), t.name, limit=n)
+        if t.is_pair:
+            ids, types = encode_pairs(tok, [e.sentence1 for e in rows], [e.sentence2 for e in rows])
+        else:
+            ids, types = encode_sentences(tok, [e.sentence for e in rows])
+        label = int if t.kind == "classification" else float  # class ids; BCE and MSE take floats
+        out[t.name] = (ids, types, [label(e.label) for e in rows])
     return out, real
 
 

@@ -128,7 +128,9 @@ def time_copy(device: str, n: int, repeats: int = 15) -> float:
 
 def cs224n_dir() -> tuple[Path, bool]:
     """(directory, is_real): ../shared/data/cs224n, or a generated stand-in where it is absent."""
-    if (SHARED_DATA / "ids-sst-train.csv").is_file():
+    from smarter_fast.tasks import SST
+
+    if (SHARED_DATA / SST.file_name("train")).is_file():
         return SHARED_DATA, True
     from smarter_fast.data.demo import write_demo_data
 
@@ -194,10 +196,10 @@ class PackedObjective:
 
     def __call__(self, model, task, batch, global_step):
         from smarter_fast.data import to_packed
-        from smarter_fast.losses import task_loss
+        from smarter_fast.tasks import task as task_named, task_loss
 
         p = to_packed(batch)
-        out = model.forward_packed("sentiment", p["input_ids"], p["cu_seqlens"], p["max_seqlen"],
+        out = model.forward_packed(task_named(task).head, p["input_ids"], p["cu_seqlens"], p["max_seqlen"],
                                    p["token_type_ids"], p["position_ids"])
         loss = task_loss(task, out, batch["labels"])
         return loss, loss, None
@@ -230,6 +232,7 @@ def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = Fa
     trains full SMART with its defaults (`--smart full`); packed runs the packed encoder path;
     bf16 runs the forward under torch.autocast(bfloat16) with fp32 weights and optimizer state
     (`--precision bf16`)."""
+    from smarter_fast.tasks import SST
     from smarter_fast.training.objectives import Plain, SmartFull, SmartSimple
 
     if smart is not None and smart.get("mode") == "full":
@@ -240,7 +243,7 @@ def our_step_fn(model, opt, device, smart: dict | None = None, packed: bool = Fa
     else:
         objective = PackedObjective() if packed else Plain()
     step = trainer_step_fn(model, opt, device, objective, bf16)
-    return lambda batch: step(("sst", batch))
+    return lambda batch: step((SST.name, batch))
 
 
 def hf_bert(device):
@@ -261,22 +264,20 @@ def hf_pipeline_step_fn(device, lr: float):
     """The plain Hugging Face pipeline's training step on a (task, batch) item: BertModel from the
     embedded checkpoint, three nn.Linear heads on the pooler output (cross-entropy, BCE with
     logits, MSE), torch.optim.AdamW with its defaults."""
-    import torch.nn.functional as F
+    from smarter_fast.tasks import TASKS, task_loss
 
     bert = hf_bert(device)
     H = bert.config.hidden_size
-    heads = torch.nn.ModuleDict({"sst": torch.nn.Linear(H, 5), "quora": torch.nn.Linear(H, 1),
-                                 "sts": torch.nn.Linear(H, 1)}).to(device)
+    heads = torch.nn.ModuleDict({t.name: torch.nn.Linear(H, t.num_outputs) for t in TASKS}).to(device)
     opt = torch.optim.AdamW(list(bert.parameters()) + list(heads.parameters()), lr=lr)
-    losses = {"sst": F.cross_entropy,
-              "quora": lambda y, t: F.binary_cross_entropy_with_logits(y.squeeze(-1), t),
-              "sts": lambda y, t: F.mse_loss(y.squeeze(-1), t)}
+    single = {t.name for t in TASKS if t.num_outputs == 1}  # (B, 1) -> (B,), as their losses take
 
     def step(item):
         task, batch = item
         out = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    token_type_ids=batch.get("token_type_ids"))
-        loss = losses[task](heads[task](out.pooler_output), batch["labels"])
+        y = heads[task](out.pooler_output)
+        loss = task_loss(task, y.squeeze(-1) if task in single else y, batch["labels"])
         opt.zero_grad()
         loss.backward()
         opt.step()

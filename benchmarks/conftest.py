@@ -40,9 +40,10 @@ def sst_examples():
     """Tokenized SST training sentences: (ids, labels, data_dir, is_real). The first 400 rows
     of ids-sst-train.csv, read and encoded once per session."""
     from smarter_fast.data import encode_sentences, load_tokenizer, read_sst
+    from smarter_fast.tasks import SST
 
     directory, real = cs224n_dir()
-    examples, _ = read_sst(directory / "ids-sst-train.csv", limit=400)
+    examples, _ = read_sst(directory / SST.file_name("train"), limit=400)
     tok = load_tokenizer()
     ids, _ = encode_sentences(tok, [e.sentence for e in examples])
     labels = [int(e.label) for e in examples]

@@ -19,15 +19,15 @@ from smarter_fast.data import load_tokenizer  # noqa: E402
 from smarter_fast.data.batching import (LengthBucketSampler, pad_batch,  # noqa: E402
                                         padding_fraction, random_batch_sampler)
 from smarter_fast.data.cs224n import read_sst  # noqa: E402
-from smarter_fast.losses import task_loss  # noqa: E402
 from smarter_fast.model import MultitaskBert  # noqa: E402
 from smarter_fast.model.grad_sinks import attach_grad_sinks  # noqa: E402
 from smarter_fast.optim import AdamW  # noqa: E402
+from smarter_fast.tasks import SST, task_loss  # noqa: E402
 
 
 def main(data_dir: Path, steps: int = 25, batch_size: int = 32) -> None:
     torch.manual_seed(0)
-    examples, _ = read_sst(str(data_dir / "ids-sst-train.csv"))
+    examples, _ = read_sst(str(data_dir / SST.file_name("train")))
     encoded = load_tokenizer().encode_batch([e.sentence for e in examples])
     ids = [e.ids for e in encoded]
     labels = [e.label for e in examples]
@@ -43,7 +43,7 @@ def main(data_dir: Path, steps: int = 25, batch_size: int = 32) -> None:
     attach_grad_sinks(model, opt)  # as the Trainer's step does
 
     def step(b):
-        loss = task_loss("sst", model.predict_sentiment(b["input_ids"], b["attention_mask"]),
+        loss = task_loss(SST.name, model.predict_sentiment(b["input_ids"], b["attention_mask"]),
                          b["labels"])
         loss.backward()
         opt.step()

@@ -31,6 +31,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .tasks import METRIC_KEYS, SST, TASK_NAMES  # noqa: E402 (after the OpenMP setting, as torch loads)
+
 # (name, group, train arguments). "split1" is also the dropout-0 and SMART-off configuration.
 CONFIGS = [
     ("baseline", "schedule", ["--schedule", "baseline"]),
@@ -204,7 +206,7 @@ def summarise(out: Path, names) -> list[dict]:
         secs = [r["train_seconds"] for r in rows]
         table.append({"name": name, "best_epoch": best["epoch"], "epochs": len(rows),
                       "train_minutes": sum(secs) / 60.0,
-                      **{k: best[k] for k in ("sst_acc", "quora_acc", "sts_pearson", "mean_score", "cs224n_score")},
+                      **{k: best[k] for k in (*METRIC_KEYS, "mean_score", "cs224n_score")},
                       "seconds_per_epoch": sum(secs) / len(secs),
                       "examples_per_second": sum(r["train_examples"] for r in rows) / max(sum(secs), 1e-9),
                       "rows": rows})
@@ -231,7 +233,7 @@ def _plot_lines(series: dict, key: str, path: Path, title: str, ylabel: str):
 
 
 def _train_loss(r: dict):
-    vals = [r.get(f"train_loss_{t}") for t in ("sst", "quora", "sts")]
+    vals = [r.get(f"train_loss_{t}") for t in TASK_NAMES]
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
 
@@ -260,7 +262,7 @@ def sst_error_analysis(data_dir, run_dir: Path, n_cells: int = 3, n_examples: in
     from .data.cs224n import load_cs224n
     from .evaluate import read_predictions
     dev = load_cs224n(data_dir, "dev").sst
-    preds = read_predictions(run_dir / "predictions" / "sst-dev-output.csv")
+    preds = read_predictions(run_dir / "predictions" / SST.prediction_file("dev"))
     m = [[0] * 5 for _ in range(5)]
     cells: dict = {}
     for e in dev:
@@ -323,8 +325,8 @@ def write_report(args, out: Path, names, records: dict) -> Path:
             rc = records.get(t["name"], {}).get("rc")
             lines.append(f"| {t['name']} | `{a}` | failed (rc {rc}) | | | | | | | | |")
             continue
-        lines.append(f"| {t['name']} | `{a}` | {t['best_epoch']}/{t['epochs']} | {t['sst_acc']:.3f} | "
-                     f"{t['quora_acc']:.3f} | {t['sts_pearson']:.3f} | {t['mean_score']:.3f} | "
+        scores = " | ".join(f"{t[k]:.3f}" for k in METRIC_KEYS)
+        lines.append(f"| {t['name']} | `{a}` | {t['best_epoch']}/{t['epochs']} | {scores} | {t['mean_score']:.3f} | "
                      f"{t['cs224n_score']:.3f} | {t['seconds_per_epoch']:.1f} | {t['train_minutes']:.1f} | "
                      f"{t['examples_per_second']:.1f} |")
     lines.append("")

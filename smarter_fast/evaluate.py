@@ -35,13 +35,16 @@ import torch
 from .data.batching import pad_batch
 from .data.cs224n import DataError, load_cs224n
 from .data.tokenize import encode_pairs, encode_sentences, load_tokenizer
-from .losses import HEAD_OF, TASKS
+from . import tasks as registry
 from .report import atomic_write_json, atomic_write_text, format_metrics, plot_confusion_matrix
 
-N_SST = 5
-PRED_FILES = {"sst": "sst", "quora": "para", "sts": "sts"}
-PRED_HEADERS = {"sst": "Predicted_Sentiment", "quora": "Predicted_Is_Paraphrase",
-                "sts": "Predicted_Similiary"}  # sic: the leaderboard's spelling
+TASKS = registry.TASK_NAMES
+N_SST = registry.SST.num_outputs
+PRED_FILES = {t.name: t.prediction_prefix for t in registry.TASKS}
+PRED_HEADERS = {t.name: t.prediction_header for t in registry.TASKS}
+# Classification tasks also get a macro-F1 and a confusion matrix: metrics `<name>_macro_f1` and
+# `<name>_confusion`, files predictions/<name>-dev-confusion.json and plots/<name>_confusion.png.
+CLASS_TASKS = tuple(t for t in registry.TASKS if t.kind == "classification")
 
 
 # ---- encoding ------------------------------------------------------------------------------------
@@ -64,10 +67,11 @@ class EncodedTask:
         if pair_features not in PAIR_FEATURES:
             raise ValueError(f"pair_features must be one of {', '.join(PAIR_FEATURES)}, "
                              f"got {pair_features!r}")
-        self.task = task
-        self.pair_features = pair_features if task != "sst" else "cross"
+        spec = registry.task(task)
+        self.task, self.is_pair = task, spec.is_pair
+        self.pair_features = pair_features if self.is_pair else "cross"
         self.example_ids = [e.id for e in examples]
-        if task == "sst":
+        if not self.is_pair:
             self.parts = [encode_sentences(tokenizer, [e.sentence for e in examples])]
         else:
             s1, s2 = [e.sentence1 for e in examples], [e.sentence2 for e in examples]
@@ -77,7 +81,7 @@ class EncodedTask:
             if self.pair_features in ("bi", "both"):
                 self.parts += [encode_sentences(tokenizer, s1), encode_sentences(tokenizer, s2)]
         self.swapped_parts = None
-        if both_orders and task != "sst":  # the cross block is encoded anew, the bi blocks swap
+        if both_orders and self.is_pair:  # the cross block is encoded anew, the bi blocks swap
             self.swapped_parts = []
             if self.pair_features in ("cross", "both"):
                 self.swapped_parts.append(encode_pairs(tokenizer, s2, s1))
@@ -87,7 +91,7 @@ class EncodedTask:
         labels = [e.label for e in examples]
         self.labels = None if not labels or labels[0] is None else labels
         if self.labels is not None:
-            dtype = np.int64 if task == "sst" else np.float32
+            dtype = np.int64 if spec.kind == "classification" else np.float32  # 0/1 too: BCE takes floats
             self.labels = np.asarray(self.labels, dtype=dtype)
         if self.pair_features == "bi":
             self.lengths = np.array([max(len(a), len(b)) for a, b in
@@ -141,11 +145,11 @@ def _symmetric(model) -> bool:
 def _check_layout(model, data: EncodedTask) -> None:
     """The batch layout of `data` must be the one the model splits its rows by."""
     model_pf = getattr(model, "pair_features", None)
-    if data.task != "sst" and model_pf is not None and model_pf != data.pair_features:
+    if data.is_pair and model_pf is not None and model_pf != data.pair_features:
         raise ValueError(f"{data.task} data encoded with pair_features={data.pair_features!r} but "
                          f"the model uses {model_pf!r}: encode with encode_split(..., "
                          f"pair_features=model.pair_features)")
-    if _symmetric(model) and data.task != "sst" and data.swapped_parts is None:
+    if _symmetric(model) and data.is_pair and data.swapped_parts is None:
         raise ValueError(f"{data.task} data encoded in one pair order but the model averages both "
                          f"(pair_order 'symmetric'): encode with encode_for(model, ...)")
 
@@ -181,7 +185,7 @@ def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
         given = np.mean([o[1] for o in outs], axis=0).astype(np.float32)
         return (mean, given) if orders else mean
     _check_layout(model, data)
-    if _symmetric(model) and data.task != "sst":
+    if _symmetric(model) and data.is_pair:
         given = _outputs(model, data, batch_size, device, autocast_dtype, False, sharded)
         swapped = _outputs(model, data, batch_size, device, autocast_dtype, True, sharded)
         mean = (given + swapped) / 2
@@ -198,7 +202,7 @@ def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap,
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
     outs = [None] * len(order)
-    head = HEAD_OF[data.task]
+    spec = registry.task(data.task)
     rank, world = (distributed.rank(), distributed.world()) if sharded else (0, 1)
     try:
         with torch.inference_mode():
@@ -207,10 +211,10 @@ def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap,
                     continue
                 idx = order[start:start + batch_size]
                 b = data.batch(idx, swap=swap)
-                type_ids = b["token_type_ids"].to(device) if data.task != "sst" else None
+                type_ids = b["token_type_ids"].to(device) if data.is_pair else None
                 with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
                                     enabled=autocast_dtype is not None):
-                    y = model(head, b["input_ids"].to(device), b["attention_mask"].to(device), type_ids)
+                    y = model(spec.head, b["input_ids"].to(device), b["attention_mask"].to(device), type_ids)
                 y = y.float().cpu().numpy()
                 for k, i in enumerate(idx):
                     outs[i] = y[k]
@@ -222,15 +226,16 @@ def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap,
             for i, o in part.items():
                 outs[i] = o
     if not outs:
-        return np.zeros((0, N_SST) if data.task == "sst" else (0,), dtype=np.float32)
+        return np.zeros((0, spec.num_outputs) if spec.num_outputs > 1 else (0,), dtype=np.float32)
     return np.stack(outs)
 
 
 def predictions_from_outputs(task: str, outputs: np.ndarray) -> np.ndarray:
     """SST: argmax class (int); Quora: 1 if logit > 0 (sigmoid > 0.5) else 0; STS: the score."""
-    if task == "sst":
+    kind = registry.task(task).kind
+    if kind == "classification":
         return outputs.argmax(axis=-1).astype(np.int64)
-    if task == "quora":
+    if kind == "binary":
         return (outputs > 0).astype(np.int64)
     return outputs.astype(np.float64)
 
@@ -268,19 +273,31 @@ def pearson(pred, gold) -> float:
     return float((x * y).sum() / den) if den > 0 else 0.0
 
 
+METRIC_FUNCTIONS = {"accuracy": accuracy, "pearson": pearson}
+
+
 def combine(sst_acc: float, quora_acc: float, sts_pearson: float) -> dict:
-    return {"sst_acc": sst_acc, "quora_acc": quora_acc, "sts_pearson": sts_pearson,
-            "mean_score": (sst_acc + quora_acc + sts_pearson) / 3,
-            "cs224n_score": (sst_acc + quora_acc + (sts_pearson + 1) / 2) / 3}
+    """The tasks' metrics under their keys, their mean, and the CS224N score (the mean with a
+    Pearson correlation mapped from [-1, 1] to [0, 1])."""
+    scores = (sst_acc, quora_acc, sts_pearson)  # in registry order
+    unit = [(s + 1) / 2 if t.metric == "pearson" else s for t, s in zip(registry.TASKS, scores)]
+    return {**{t.metric_key: s for t, s in zip(registry.TASKS, scores)},
+            "mean_score": (scores[0] + scores[1] + scores[2]) / 3,
+            "cs224n_score": (unit[0] + unit[1] + unit[2]) / 3}
 
 
 def compute_metrics(preds: dict, gold: dict) -> dict:
     """preds/gold: {task: array} for sst (classes), quora (0/1), sts (scores)."""
-    m = combine(accuracy(preds["sst"], gold["sst"]), accuracy(preds["quora"], gold["quora"]),
-                pearson(preds["sts"], gold["sts"]))
-    m["sst_macro_f1"] = macro_f1(preds["sst"], gold["sst"])
-    m["sst_confusion"] = confusion_matrix(preds["sst"], gold["sst"]).tolist()
+    m = combine(*(METRIC_FUNCTIONS[t.metric](preds[t.name], gold[t.name]) for t in registry.TASKS))
+    for t in CLASS_TASKS:
+        m[f"{t.name}_macro_f1"] = macro_f1(preds[t.name], gold[t.name], t.num_outputs)
+        m[f"{t.name}_confusion"] = confusion_matrix(preds[t.name], gold[t.name], t.num_outputs).tolist()
     return m
+
+
+def format_class_metrics(metrics: dict) -> str:
+    """'sst_macro_f1 0.302': the printed macro-F1 of the classification tasks."""
+    return "  ".join(f"{t.name}_macro_f1 {metrics[f'{t.name}_macro_f1']:.3f}" for t in CLASS_TASKS)
 
 
 def evaluate_dev(model, dev: dict[str, EncodedTask], batch_size: int = 64, device="cpu",
@@ -292,23 +309,24 @@ def evaluate_dev(model, dev: dict[str, EncodedTask], batch_size: int = 64, devic
             for t in TASKS}
     preds = {t: predictions_from_outputs(t, outs[t][0]) for t in TASKS}
     metrics = compute_metrics(preds, {t: dev[t].labels for t in TASKS})
-    if _symmetric(model):
-        metrics["quora_acc_given_order"] = accuracy(predictions_from_outputs("quora", outs["quora"][1]),
-                                                    dev["quora"].labels)
-        metrics["sts_pearson_given_order"] = pearson(outs["sts"][1], dev["sts"].labels)
+    if _symmetric(model):  # pair tasks only: a single sentence has one order
+        for t in registry.TASKS:
+            if t.is_pair:
+                given = predictions_from_outputs(t.name, outs[t.name][1])
+                metrics[f"{t.metric_key}_given_order"] = METRIC_FUNCTIONS[t.metric](given, dev[t.name].labels)
     return metrics, preds
 
 
 # ---- files ---------------------------------------------------------------------------------------
 def format_value(task: str, value) -> str:
-    return f"{float(value):.4f}" if task == "sts" else str(int(value))
+    return f"{float(value):.4f}" if registry.task(task).kind == "regression" else str(int(value))
 
 
 def write_predictions(out_dir, task: str, split: str, example_ids, preds) -> Path:
     """Writes `{sst|para|sts}-{dev|test}-output.csv` in the leaderboard format."""
-    split = "test" if split in ("test", "test-student") else split
-    path = Path(out_dir) / f"{PRED_FILES[task]}-{split}-output.csv"
-    lines = [f"id \t {PRED_HEADERS[task]} "]
+    spec = registry.task(task)
+    path = Path(out_dir) / spec.prediction_file(split)
+    lines = [f"id \t {spec.prediction_header} "]
     lines += [f"{i} , {format_value(task, v)} " for i, v in zip(example_ids, preds)]
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -341,11 +359,12 @@ def write_evaluation(model, tokenizer, data_dir, out_dir, batch_size: int = 64, 
         if len(test[t]):
             p = predictions_from_outputs(t, model_outputs(model, test[t], batch_size, device, autocast_dtype))
             write_predictions(pred_dir, t, "test", test[t].example_ids, p)
-    atomic_write_json(pred_dir / "sst-dev-confusion.json",
-                      {"rows": "gold class", "columns": "predicted class",
-                       "matrix": metrics["sst_confusion"]})
-    plot_confusion_matrix(metrics["sst_confusion"], out_dir / "plots" / "sst_confusion.png",
-                          title="SST dev confusion matrix" + title_suffix)
+    for t in CLASS_TASKS:
+        matrix = metrics[f"{t.name}_confusion"]
+        atomic_write_json(pred_dir / f"{t.name}-dev-confusion.json",
+                          {"rows": "gold class", "columns": "predicted class", "matrix": matrix})
+        plot_confusion_matrix(matrix, out_dir / "plots" / f"{t.name}_confusion.png",
+                              title=f"{t.title} dev confusion matrix" + title_suffix)
     atomic_write_json(out_dir / "dev_metrics.json", metrics)
     return metrics
 
@@ -400,9 +419,10 @@ def main(argv=None) -> int:
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"dev: {format_metrics(metrics)}  sst_macro_f1 {metrics['sst_macro_f1']:.3f}  "
+    print(f"dev: {format_metrics(metrics)}  {format_class_metrics(metrics)}  "
           f"({time.time() - t0:.1f}s)")
-    print(f"wrote {out / 'predictions'}, {out / 'dev_metrics.json'}, {out / 'plots' / 'sst_confusion.png'}")
+    plots = [out / "plots" / f"{t.name}_confusion.png" for t in CLASS_TASKS]
+    print(f"wrote {', '.join(str(f) for f in [out / 'predictions', out / 'dev_metrics.json', *plots])}")
     return 0
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .tasks import TASK_NAMES, TASKS
+
 SST_LABELS = ["0 very neg", "1 neg", "2 neutral", "3 pos", "4 very pos"]
 
 
@@ -66,7 +68,7 @@ def plot_learning_curves(rows: list[dict], out_dir, title_suffix: str = "") -> l
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for task in ("sst", "quora", "sts"):
+    for task in TASK_NAMES:
         ys = [r.get(f"train_loss_{task}") for r in rows]
         if any(y is not None for y in ys):
             ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=f"{task} loss")
@@ -82,8 +84,7 @@ def plot_learning_curves(rows: list[dict], out_dir, title_suffix: str = "") -> l
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("sst_acc", "SST accuracy"), ("quora_acc", "Quora accuracy"),
-                       ("sts_pearson", "STS Pearson"), ("mean_score", "mean score")):
+    for key, label in (*((t.metric_key, t.metric_title) for t in TASKS), ("mean_score", "mean score")):
         ax.plot(epochs, [r.get(key, np.nan) for r in rows], marker="o", label=label,
                 ls="--" if key == "mean_score" else "-")
     ax.set_xlabel("epoch")
@@ -122,8 +123,7 @@ def plot_confusion_matrix(matrix, path, title: str = "SST dev confusion matrix")
 
 def format_metrics(m: dict) -> str:
     """One line: 'sst_acc 0.512  quora_acc 0.801  sts_pearson 0.712  mean 0.675  cs224n 0.723'."""
-    parts = [f"sst_acc {m['sst_acc']:.3f}", f"quora_acc {m['quora_acc']:.3f}",
-             f"sts_pearson {m['sts_pearson']:.3f}", f"mean {m['mean_score']:.3f}",
+    parts = [*(f"{t.metric_key} {m[t.metric_key]:.3f}" for t in TASKS), f"mean {m['mean_score']:.3f}",
              f"cs224n {m['cs224n_score']:.3f}"]
     return "  ".join(parts)
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .regularizers.ema import WeightEma
-from .losses import HEAD_OF, task_loss
+from .tasks import task as task_named, task_loss
 
 SMART_MODES = ("off", "simple", "full")
 
@@ -49,8 +49,9 @@ def step_seed(run_seed: int, step: int) -> int:
 
 def task_forward(model, task: str, batch: dict) -> torch.Tensor:
     """Plain forward of a padded batch for task 'sst' | 'quora' | 'sts'."""
-    type_ids = batch.get("token_type_ids") if task != "sst" else None
-    return model(HEAD_OF[task], batch["input_ids"], batch["attention_mask"], type_ids)
+    spec = task_named(task)
+    type_ids = batch.get("token_type_ids") if spec.is_pair else None
+    return model(spec.head, batch["input_ids"], batch["attention_mask"], type_ids)
 
 
 def _fuse_rows(tensors, parts: int) -> torch.Tensor:
@@ -75,8 +76,9 @@ def smart_simple_loss(model, task: str, batch: dict, sigma: float, lam: float, s
     batch sizes; on CPU two passes of B cost the same and need less memory. Each half draws its
     own dropout masks either way, as two separate passes would.
     """
-    head = HEAD_OF[task]
-    type_ids = batch.get("token_type_ids") if task != "sst" else None
+    spec = task_named(task)
+    head = spec.head
+    type_ids = batch.get("token_type_ids") if spec.is_pair else None
     mask = batch["attention_mask"]
     # (N, L, H), computed once; N = B, or 2B / 3B rows for bi / both pair batches (stacked)
     E = model.bert.embed(batch["input_ids"], type_ids)
@@ -103,15 +105,14 @@ def symmetric_divergence(task: str, p: torch.Tensor, q: torch.Tensor) -> torch.T
     sst:   KL(P||Q) + KL(Q||P) of the softmax distributions = sum_k (P_k - Q_k)(log P_k - log Q_k);
     quora: the same for Bernoulli(sigmoid(logit)) = (sigmoid(a) - sigmoid(b)) * (a - b);
     sts:   squared error (the outputs are scores, not distributions)."""
+    kind = task_named(task).kind
     p, q = p.float(), q.float()
-    if task == "sst":
+    if kind == "classification":
         lp, lq = F.log_softmax(p, dim=-1), F.log_softmax(q, dim=-1)
         return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
-    if task == "quora":
+    if kind == "binary":
         return ((torch.sigmoid(p) - torch.sigmoid(q)) * (p - q)).mean()
-    if task == "sts":
-        return ((p - q) ** 2).mean()
-    raise ValueError(f"unknown task {task!r}")
+    return ((p - q) ** 2).mean()  # regression
 
 
 @contextlib.contextmanager
@@ -144,7 +145,7 @@ def adversarial_perturbation(model, task: str, E: torch.Tensor, mask: torch.Tens
     in L-inf (mt-dnn), or, with `epsilon`, to delta + eta g / max|g| clipped to the L-inf
     epsilon-ball (the paper's projected ascent). With return_losses, also the inner losses
     [before step 1, after step 1, ..., after step K] (for tests and diagnostics)."""
-    head = HEAD_OF[task]
+    head = task_named(task).head
     E0 = E.detach()
     target = target.detach()
     noise = torch.randn(E0.shape, generator=generator, dtype=torch.float32, device="cpu")
@@ -202,8 +203,9 @@ def smart_full_loss(model, task: str, batch: dict, *, sigma: float = 1e-5, eta: 
     """(total, task loss, SMART term, clean output) of full SMART for one padded batch:
     total = loss + lam * adv (+ mu * D(clean, teacher output) with a teacher); the SMART term
     returned is the unweighted adversarial divergence adv."""
-    head = HEAD_OF[task]
-    type_ids = batch.get("token_type_ids") if task != "sst" else None
+    spec = task_named(task)
+    head = spec.head
+    type_ids = batch.get("token_type_ids") if spec.is_pair else None
     mask = batch["attention_mask"]
     E = model.bert.embed(batch["input_ids"], type_ids)  # (N, L, H): N = B, 2B or 3B rows
     clean = model.heads_from_embeddings(head, E, mask)  # (B, ...)

@@ -1,9 +1,9 @@
-"""Task losses (smarter_fast.losses) against their definitions, label smoothing included."""
+"""Task losses (smarter_fast.tasks) against their definitions, label smoothing included."""
 
 import pytest
 import torch
 
-from smarter_fast.losses import task_loss
+from smarter_fast.tasks import task_loss
 
 
 def test_sst_label_smoothing_matches_the_smoothed_target_cross_entropy():

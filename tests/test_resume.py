@@ -2,6 +2,7 @@
 uninterrupted run; SIGTERM saves mid-epoch and exits cleanly; NaN/inf steps are skipped and K in a
 row stop the run with the last good checkpoint kept."""
 
+import dataclasses
 import json
 import math
 import os
@@ -112,15 +113,15 @@ def test_sigterm_saves_mid_epoch_and_exits_cleanly(tiny, reference, tmp_path, ca
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch, capsys):
-    from smarter_fast import losses
-    real, calls = losses.LOSSES["sst"], {"n": 0}
+    from smarter_fast import tasks
+    real, calls = tasks.SST.loss, {"n": 0}
 
     def flaky(out, labels):  # the 2nd and 4th SST steps get a NaN loss
         calls["n"] += 1
         loss = real(out, labels)
         return loss * float("nan") if calls["n"] in (2, 4) else loss
 
-    monkeypatch.setitem(losses.LOSSES, "sst", flaky)
+    monkeypatch.setitem(tasks.BY_NAME, "sst", dataclasses.replace(tasks.SST, loss=flaky))
     out = tmp_path / "nan"
     assert main(argv(tiny, out, "--smart", "off", "--epochs", "1")) == 0
     err = capsys.readouterr().err
@@ -132,7 +133,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny, tmp_path, monkeypatch, ca
 
 
 def test_nonfinite_in_a_row_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch, capsys):
-    from smarter_fast import losses
+    from smarter_fast import tasks
     from smarter_fast.training.trainer import Trainer
     state = {"epoch2": False}
     real_epoch = Trainer.train_epoch
@@ -144,8 +145,8 @@ def test_nonfinite_in_a_row_stops_and_keeps_last_good_checkpoint(tiny, tmp_path,
     def poison(fn):
         return lambda out, labels: fn(out, labels) + (float("inf") if state["epoch2"] else 0.0)
 
-    for task in ("sst", "quora", "sts"):
-        monkeypatch.setitem(losses.LOSSES, task, poison(losses.LOSSES[task]))
+    for t in tasks.TASKS:
+        monkeypatch.setitem(tasks.BY_NAME, t.name, dataclasses.replace(t, loss=poison(t.loss)))
     monkeypatch.setattr(Trainer, "train_epoch", epoch_hook)
     out = tmp_path / "inf"
     assert main(argv(tiny, out, "--smart", "off", "--max-nonfinite", "3")) == 2
@@ -190,15 +191,15 @@ def test_stop_mid_epoch_then_resume_matches_uninterrupted(tiny, tmp_path, monkey
 
 
 def test_surgery_skips_nonfinite_steps_and_counts_them_in_a_row(tiny, tmp_path, monkeypatch, capsys):
-    from smarter_fast import losses
-    real, calls = losses.LOSSES["sst"], {"n": 0}
+    from smarter_fast import tasks
+    real, calls = tasks.SST.loss, {"n": 0}
 
     def every_other(out, labels):  # every second surgery step gets a NaN SST loss
         calls["n"] += 1
         loss = real(out, labels)
         return loss * float("nan") if calls["n"] % 2 == 0 else loss
 
-    monkeypatch.setitem(losses.LOSSES, "sst", every_other)
+    monkeypatch.setitem(tasks.BY_NAME, "sst", dataclasses.replace(tasks.SST, loss=every_other))
     out = tmp_path / "nan"
     # never two in a row: --max-nonfinite 2 must not stop the run
     assert main(argv(tiny, out, "--smart", "off", "--epochs", "1", "--grad-surgery", "pcgrad",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from smarter_fast.losses import task_loss
+from smarter_fast.tasks import task_loss
 from smarter_fast.model import BertConfig, BertModel, MultitaskBert
 import torch.nn.functional as F
 

@@ -16,11 +16,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import tasks as registry
+
 log = logging.getLogger("smarter_fast")
 
-TASKS = ("sst", "quora", "sts")
+TASKS = registry.TASK_NAMES
 SPLITS = ("train", "dev", "test")
-FILE_PATTERNS = {"sst": "ids-sst-{}.csv", "quora": "quora-{}.csv", "sts": "sts-{}.csv"}
+FILE_PATTERNS = {t.name: t.file_pattern for t in registry.TASKS}
 SHOWN_LINES = 5  # line numbers listed per reason; the count covers all of them
 
 
@@ -65,26 +67,21 @@ class ReadReport:
         return out
 
 
-# Per task: id column, text columns, label column, and the label parser. A parser returns the label
-# or raises ValueError whose message is the skip reason (it names the column, e.g. "similarity out of range 0-5").
-def _parse_sentiment(text: str) -> int:
-    value = _number(text, "sentiment")
-    if not value.is_integer() or not 0 <= value <= 4:
-        raise ValueError("sentiment not an integer 0-4")
-    return int(value)
-
-
-def _parse_duplicate(text: str) -> int:
-    value = _number(text, "is_duplicate")
-    if value not in (0.0, 1.0):
-        raise ValueError("is_duplicate not 0 or 1")
-    return int(value)
-
-
-def _parse_similarity(text: str) -> float:
-    value = _number(text, "similarity")
-    if not 0.0 <= value <= 5.0:  # also rejects nan
-        raise ValueError("similarity out of range 0-5")
+def _parse_label(task: registry.Task, text: str) -> int | float:
+    """The gold label of `task` in `text`, or ValueError whose message is the skip reason (it names
+    the column, e.g. "similarity out of range 0-5"). Classes and 0/1 labels are ints, scores floats."""
+    column, (low, high) = task.label_column, task.label_range
+    value = _number(text, column)
+    if task.kind == "classification":
+        if not value.is_integer() or not low <= value <= high:
+            raise ValueError(f"{column} not an integer {low:g}-{high:g}")
+        return int(value)
+    if task.kind == "binary":
+        if value not in (low, high):
+            raise ValueError(f"{column} not {low:g} or {high:g}")
+        return int(value)
+    if not low <= value <= high:  # also rejects nan
+        raise ValueError(f"{column} out of range {low:g}-{high:g}")
     return value
 
 
@@ -96,13 +93,6 @@ def _number(text: str, column: str) -> float:
     if math.isnan(value):
         raise ValueError(f"unparseable {column}")
     return value
-
-
-_SCHEMAS = {
-    "sst": (("sentence",), "sentiment", _parse_sentiment),
-    "quora": (("sentence1", "sentence2"), "is_duplicate", _parse_duplicate),
-    "sts": (("sentence1", "sentence2"), "similarity", _parse_similarity),
-}
 
 
 def _row_problem(row: dict, text_columns, label_column) -> tuple[str, str] | None:
@@ -138,9 +128,8 @@ def read_task_file(path, task: str, labeled: bool | None = None, strict: bool = 
     is line 1, a record that spans lines gets its last line). Skips are logged as warnings on the
     'smarter_fast' logger and returned in the report.
     """
-    if task not in _SCHEMAS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    text_columns, label_column, parse_label = _SCHEMAS[task]
+    spec = registry.task(task)
+    text_columns, label_column = spec.text_columns, spec.label_column
     path = Path(path)
     report = ReadReport(path)
     examples = []
@@ -175,7 +164,7 @@ def read_task_file(path, task: str, labeled: bool | None = None, strict: bool = 
             label = None
             if problem is None and label_column:
                 try:
-                    label = parse_label(row[label_column].strip())
+                    label = _parse_label(spec, row[label_column].strip())
                 except ValueError as e:
                     problem = (label_column, str(e))
             if problem is not None:
@@ -185,10 +174,10 @@ def read_task_file(path, task: str, labeled: bool | None = None, strict: bool = 
                 report.skipped[reason].append(line)
                 continue
             texts = [row[c].strip() for c in text_columns]
-            if task == "sst":
-                examples.append(SentenceExample(row["id"].strip(), texts[0], label))
-            else:
+            if spec.is_pair:
                 examples.append(PairExample(row["id"].strip(), texts[0], texts[1], label))
+            else:
+                examples.append(SentenceExample(row["id"].strip(), texts[0], label))
     report.rows_kept = len(examples)
     report.skipped = dict(report.skipped)
     for message in report.messages():
@@ -198,21 +187,17 @@ def read_task_file(path, task: str, labeled: bool | None = None, strict: bool = 
 
 def read_sst(path, **kwargs):
     """SST sentiment file -> (list[SentenceExample], ReadReport). See read_task_file for options."""
-    return read_task_file(path, "sst", **kwargs)
+    return read_task_file(path, registry.SST.name, **kwargs)
 
 
 def read_quora(path, **kwargs):
     """Quora paraphrase file -> (list[PairExample] with int labels 0/1, ReadReport)."""
-    return read_task_file(path, "quora", **kwargs)
+    return read_task_file(path, registry.QUORA.name, **kwargs)
 
 
 def read_sts(path, **kwargs):
     """STS similarity file -> (list[PairExample] with float labels 0-5, ReadReport)."""
-    return read_task_file(path, "sts", **kwargs)
-
-
-def _file_name(task: str, split: str) -> str:
-    return FILE_PATTERNS[task].format("test-student" if split == "test" else split)
+    return read_task_file(path, registry.STS.name, **kwargs)
 
 
 def find_data_files(data_dir) -> dict[str, dict[str, Path | None]]:
@@ -222,10 +207,11 @@ def find_data_files(data_dir) -> dict[str, dict[str, Path | None]]:
     test-student files are optional and None when absent.
     """
     data_dir = Path(data_dir)
-    expected = "ids-sst-{train,dev}.csv, quora-{train,dev}.csv, sts-{train,dev}.csv (test-student files optional)"
+    expected = (", ".join(t.file_pattern.format("{train,dev}") for t in registry.TASKS)
+                + " (test-student files optional)")
     if not data_dir.is_dir():
         raise DataError(f"CS224N data directory {data_dir} not found; expected it to hold {expected}")
-    files = {task: {split: data_dir / _file_name(task, split) for split in SPLITS} for task in TASKS}
+    files = {t.name: {split: data_dir / t.file_name(split) for split in SPLITS} for t in registry.TASKS}
     missing = [p.name for t in TASKS for s in ("train", "dev") if not (p := files[t][s]).is_file()]
     if missing:
         raise DataError(f"CS224N data in {data_dir} lacks {', '.join(missing)}; expected {expected}")
@@ -268,4 +254,4 @@ def load_cs224n(data_dir, split: str, strict: bool = False, limit: int | None = 
         # Test-student files carry no labels; a label column there is ignored.
         data[task], report = read_task_file(path, task, labeled=split != "test", strict=strict, limit=limit)
         reports.append(report)
-    return CS224NSplit(split, data["sst"], data["quora"], data["sts"], reports)
+    return CS224NSplit(split, *(data[t] for t in TASKS), reports)

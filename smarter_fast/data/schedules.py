@@ -39,12 +39,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..tasks import QUORA, STS, TASK_NAMES
 from .batching import LengthBucketSampler
 
-TASK_ORDER = ("sst", "quora", "sts")
+# The registry's order; a task's place in it also seeds its batch shuffles (`task_batches`).
+TASK_ORDER = TASK_NAMES
 SAMPLERS = ("round-robin", "proportional", "sqrt", "annealed")
 SCHEDULES = ("baseline", "split1", "split2") + SAMPLERS
-SPLIT_TASKS = {"baseline": (), "split1": ("quora",), "split2": ("quora", "sts"),
+SPLIT_TASKS = {"baseline": (), "split1": (QUORA.name,), "split2": (QUORA.name, STS.name),
                **{name: () for name in SAMPLERS}}
 ANNEAL_FROM, ANNEAL_TO = 1.0, 0.2
 
@@ -177,7 +179,7 @@ class Schedule:
         for i in range(n):
             p = self.task_probs(epoch, i) if self.name == "annealed" or i == 0 else p
             c = np.cumsum([p[t] for t in TASK_ORDER])
-            out.append(TASK_ORDER[min(int(np.searchsorted(c, u[i] * c[-1], side="right")), 2)])
+            out.append(TASK_ORDER[min(int(np.searchsorted(c, u[i] * c[-1], side="right")), len(c) - 1)])
         return out
 
     def epoch_steps(self, epoch: int) -> list[tuple[str, list[int]]]:

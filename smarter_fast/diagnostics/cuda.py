@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..tasks import SST  # the task the timed steps train
+
 REPO = Path(__file__).resolve().parents[2]
 
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
@@ -243,7 +245,7 @@ def bench_smart(table: Table, backend: str) -> None:
 
     def plain():
         with amp():
-            loss = F.cross_entropy(model("sentiment", ids, mask).float(), labels)
+            loss = F.cross_entropy(model(SST.head, ids, mask).float(), labels)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -253,13 +255,13 @@ def bench_smart(table: Table, backend: str) -> None:
             from ..smart import smart_simple_loss
             batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
             with amp():
-                loss = smart_simple_loss(model, "sst", batch, 1e-5, 1.0, 1234, backend=backend)[0]
+                loss = smart_simple_loss(model, SST.name, batch, 1e-5, 1.0, 1234, backend=backend)[0]
         except ImportError:
             with amp():
                 E = model.bert.embed(ids)
-                clean = model.heads_from_embeddings("sentiment", E, mask)
+                clean = model.heads_from_embeddings(SST.head, E, mask)
                 noisy = model.heads_from_embeddings(
-                    "sentiment", ops.smart_noise(E, 1e-5, 1234, backend=backend), mask)
+                    SST.head, ops.smart_noise(E, 1e-5, 1234, backend=backend), mask)
                 loss = F.cross_entropy(clean.float(), labels) + ops.smart_mse(
                     clean.float(), noisy.float(), backend=backend)
         loss.backward()
@@ -271,7 +273,7 @@ def bench_smart(table: Table, backend: str) -> None:
         with amp():
             E = model.bert.embed(ids)
             E2 = torch.cat([E, ops.smart_noise(E, 1e-5, 1234, backend=backend)])
-            out = model.heads_from_embeddings("sentiment", E2, torch.cat([mask, mask]))
+            out = model.heads_from_embeddings(SST.head, E2, torch.cat([mask, mask]))
             clean, noisy = out[: ids.shape[0]], out[ids.shape[0]:]
             loss = F.cross_entropy(clean.float(), labels) + ops.smart_mse(
                 clean.float(), noisy.float(), backend=backend)
@@ -338,7 +340,7 @@ def bench_end_to_end(table: Table, backend: str, batch: int, length: int) -> Non
 
     def our_step():
         with amp():
-            loss = F.cross_entropy(model("sentiment", ids, mask).float(), labels)
+            loss = F.cross_entropy(model(SST.head, ids, mask).float(), labels)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -354,7 +356,7 @@ def bench_end_to_end(table: Table, backend: str, batch: int, length: int) -> Non
 
     def packed_step():
         with amp():
-            out = model.forward_packed("sentiment", packed, cu, int(lengths.max()))
+            out = model.forward_packed(SST.head, packed, cu, int(lengths.max()))
             loss = F.cross_entropy(out.float(), labels)
         loss.backward()
         opt.step()

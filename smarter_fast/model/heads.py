@@ -27,14 +27,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import tasks as registry
 from .bert import BertModel, load_pretrained_bert, packed_position_ids
 from .checkpoint import default_checkpoint_dir, read_head_options, save_checkpoint, warn_unused
 from .config import CONFIG_KEYS, PAIR_FEATURES, PAIR_ORDERS, POOLINGS
 
-TASKS = ("sentiment", "paraphrase", "similarity")
-ALIASES = {"sst": "sentiment", "quora": "paraphrase", "sts": "similarity"}
-N_SENTIMENT_CLASSES = 5
-PAIR_TASKS = ("paraphrase", "similarity")
+# The model's tasks are its heads' names (module attributes and checkpoint tensor prefixes); the
+# registry's short names are accepted too.
+TASKS = tuple(t.head for t in registry.TASKS)
+ALIASES = {t.name: t.head for t in registry.TASKS}
+N_SENTIMENT_CLASSES = registry.SST.num_outputs
+PAIR_TASKS = tuple(t.head for t in registry.TASKS if t.is_pair)
+_OUTPUTS = {t.head: t.num_outputs for t in registry.TASKS}
 ROWS_PER_PAIR = {"cross": 1, "bi": 2, "both": 3}  # encoder rows per pair example
 DEFAULTS = {"pooling": "cls", "pair_features": "cross", "pair_order": "given"}
 
@@ -69,9 +73,9 @@ class MultitaskBert(nn.Module):
         self.pair_features = pair_features
         self.pair_order = pair_order
         self.dropout = nn.Dropout(dropout)
-        self.sentiment = nn.Linear(H, N_SENTIMENT_CLASSES)
-        self.paraphrase = nn.Linear(pair_input_size(H, pair_features), 1)
-        self.similarity = nn.Linear(pair_input_size(H, pair_features), 1)
+        for t in registry.TASKS:  # in registry order: the heads' init draws and state_dict order
+            width = pair_input_size(H, pair_features) if t.is_pair else H
+            setattr(self, t.head, nn.Linear(width, t.num_outputs))
         if pair_features != "cross":
             # Warm start on the cosine feature (the last input). The embedded all-MiniLM-L6-v2
             # is a sentence-embedding model trained with mean pooling and cosine similarity:
@@ -81,11 +85,12 @@ class MultitaskBert(nn.Module):
             # weights keep the default init and training moves them from there. (Most useful
             # with --pooling mean, the way that checkpoint was trained.) Loading saved heads
             # overwrites this.
+            similarity, paraphrase = getattr(self, registry.STS.head), getattr(self, registry.QUORA.head)
             with torch.no_grad():
-                self.similarity.weight[0, -1] = 5.0
-                self.similarity.bias.zero_()
-                self.paraphrase.weight[0, -1] = 10.0
-                self.paraphrase.bias.fill_(-7.0)
+                similarity.weight[0, -1] = 5.0
+                similarity.bias.zero_()
+                paraphrase.weight[0, -1] = 10.0
+                paraphrase.bias.fill_(-7.0)
 
     @property
     def config(self):
@@ -126,8 +131,7 @@ class MultitaskBert(nn.Module):
                     f"{options['pair_features']!r}: {', '.join(wrong)}; leave pair_features unset "
                     f"(--pair-features) to use the checkpoint's, or start from a plain BERT")
             model.load_state_dict(heads, strict=False)
-            absent = [k for k, _ in model.named_parameters()
-                      if k.split(".")[0] in TASKS and k not in heads]
+            absent = [k for t in registry.TASKS for k in t.head_tensors if k not in heads]
             if absent:
                 raise ValueError(f"{directory}: task heads incomplete, lacking {absent}")
         warn_unused(extra, directory)
@@ -191,7 +195,7 @@ class MultitaskBert(nn.Module):
         if task in PAIR_TASKS:
             x = self.pair_head_input(x)
         out = getattr(self, task)(x)
-        return out if task == "sentiment" else out.squeeze(-1)
+        return out if _OUTPUTS[task] > 1 else out.squeeze(-1)
 
     def heads_from_embeddings(self, task: str, E: torch.Tensor, attention_mask=None,
                               cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
@@ -222,15 +226,15 @@ class MultitaskBert(nn.Module):
 
     def predict_sentiment(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, L) single sentences -> (B, 5) logits over the SST classes."""
-        return self("sentiment", input_ids, attention_mask)
+        return self(registry.SST.head, input_ids, attention_mask)
 
     def predict_paraphrase(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """(B, L) encoded pairs -> (B,) logits; sigmoid > 0.5 means paraphrase."""
-        return self("paraphrase", input_ids, attention_mask, token_type_ids)
+        return self(registry.QUORA.head, input_ids, attention_mask, token_type_ids)
 
     def predict_similarity(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         """(B, L) encoded pairs -> (B,) similarity on the 0-5 scale (raw regression output)."""
-        return self("similarity", input_ids, attention_mask, token_type_ids)
+        return self(registry.STS.head, input_ids, attention_mask, token_type_ids)
 
 
 __all__ = ["MultitaskBert", "TASKS", "ALIASES", "POOLINGS", "PAIR_FEATURES", "PAIR_TASKS",

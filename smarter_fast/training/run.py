@@ -32,6 +32,7 @@ from ..data.schedules import TASK_ORDER, Schedule, resolve_split_parts
 from ..precision import resolve_precision
 from .recipes import describe as describe_recipe
 from .recipes import format_settings
+from ..tasks import METRIC_KEYS, QUORA, SST
 from .checkpoint import CheckpointError, check_format, clean_temporaries, find_last_checkpoint, find_older_checkpoint
 from .config import MODEL_OPTIONS, TrainConfig
 from .trainer import Trainer
@@ -219,17 +220,16 @@ def load_data(config: TrainConfig, setup: RunSetup):
     train_data = encode_split(train_split, tokenizer, options["pair_features"], symmetric)
     dev_data = encode_split(dev_split, tokenizer, options["pair_features"], symmetric)
     sizes = {t: len(train_data[t]) for t in TASK_ORDER}
-    parts = resolve_split_parts(config.split_parts, sizes["sst"], sizes["quora"])
+    parts = resolve_split_parts(config.split_parts, sizes[SST.name], sizes[QUORA.name])
     schedule = Schedule(config.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
                         config.batch_size * distributed.world(),  # global batch; each rank trains its shard
                         seed=config.seed, parts=parts, interleave=config.interleave, epochs=config.epochs or 1)
     part_note = f", {parts} parts" if config.schedule in ("split1", "split2") else ""
     per_epoch = schedule.epoch_counts(0)
-    print(f"train: sst {sizes['sst']}, quora {sizes['quora']}, sts {sizes['sts']} examples; "
+    print(f"train: {', '.join(f'{t} {sizes[t]}' for t in TASK_ORDER)} examples; "
           f"schedule {config.schedule}{part_note}{' interleaved' if config.interleave else ''}: "
-          f"epoch 1 trains sst {per_epoch['sst']} + quora {per_epoch['quora']} + sts {per_epoch['sts']}; "
-          f"dev: sst {len(dev_data['sst'])}, quora {len(dev_data['quora'])}, sts {len(dev_data['sts'])}",
-          flush=True)
+          f"epoch 1 trains {' + '.join(f'{t} {per_epoch[t]}' for t in TASK_ORDER)}; "
+          f"dev: {', '.join(f'{t} {len(dev_data[t])}' for t in TASK_ORDER)}", flush=True)
     return tokenizer, train_data, dev_data, schedule, settings
 
 
@@ -299,7 +299,7 @@ def run(config: TrainConfig) -> int:
 
 def final_evaluation(trainer: Trainer, tokenizer, setup: RunSetup, last_epoch) -> dict:
     """Predictions and the confusion matrix of the best checkpoint (rank 0)."""
-    from ..evaluate import write_evaluation
+    from ..evaluate import format_class_metrics, write_evaluation
     from ..model import MultitaskBert
     from ..report import format_metrics
     config, best_dir = trainer.config, trainer.ck_dir / "best"
@@ -315,8 +315,8 @@ def final_evaluation(trainer: Trainer, tokenizer, setup: RunSetup, last_epoch) -
                              setup.device, trainer.autocast_dtype, dev=trainer.dev_data, title_suffix=setup.tag,
                              dev_result=dev_result)
     best = trainer.record.best
-    print(f"best epoch {best['epoch']}{setup.tag}: {format_metrics(final)}  sst_macro_f1 "
-          f"{final['sst_macro_f1']:.3f}", flush=True)
+    print(f"best epoch {best['epoch']}{setup.tag}: {format_metrics(final)}  {format_class_metrics(final)}",
+          flush=True)
     print(f"outputs: {setup.out_dir / 'metrics.jsonl'}, {best_dir}, {setup.out_dir / 'predictions'}, "
           f"{setup.out_dir / 'plots'}", flush=True)
     return final
@@ -345,7 +345,7 @@ def run_ensemble(config: TrainConfig) -> int:
 
 def evaluate_ensemble(config: TrainConfig, out_dir: Path, members: list[Path]) -> int:
     from ..data.tokenize import load_tokenizer
-    from ..evaluate import Ensemble, write_evaluation
+    from ..evaluate import Ensemble, format_class_metrics, write_evaluation
     from ..model import MultitaskBert
     from ..report import atomic_write_json, format_metrics
     if config.num_threads:
@@ -360,14 +360,14 @@ def evaluate_ensemble(config: TrainConfig, out_dir: Path, members: list[Path]) -
                              torch.bfloat16 if config.precision == "bf16" else None,
                              title_suffix=f" (ensemble of {k}){tag}")
     member_metrics = [json.loads((m / "dev_metrics.json").read_text()) for m in members]
-    keys = ("sst_acc", "quora_acc", "sts_pearson", "mean_score")
+    keys = (*METRIC_KEYS, "mean_score")
     atomic_write_json(out_dir / "ensemble.json", {
         "members": [{"dir": str(m), "seed": config.seed + i, **{key: mm[key] for key in keys}}
                     for i, (m, mm) in enumerate(zip(members, member_metrics))],
         **{key: final[key] for key in keys}})
     for i, mm in enumerate(member_metrics):
         print(f"member {i + 1}{tag}: {format_metrics(mm)}", flush=True)
-    print(f"ensemble of {k}{tag}: {format_metrics(final)}  sst_macro_f1 {final['sst_macro_f1']:.3f}", flush=True)
+    print(f"ensemble of {k}{tag}: {format_metrics(final)}  {format_class_metrics(final)}", flush=True)
     print(f"outputs: {out_dir / 'dev_metrics.json'}, {out_dir / 'predictions'}, {out_dir / 'ensemble.json'}",
           flush=True)
     return 0

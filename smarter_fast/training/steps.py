@@ -24,6 +24,7 @@ import torch
 
 from .. import distributed
 from ..model.grad_sinks import attach_grad_sinks
+from ..tasks import task as task_named
 
 PAIR_SWAP_SALT = 7_211
 
@@ -105,7 +106,7 @@ class SingleTaskSteps(BatchSteps):
         part, weight = distributed.shard(range(len(global_indices)))
         indices = [global_indices[i] for i in part]
         swaps = (pair_swaps(self.seed, global_step, len(global_indices))
-                 if self.symmetric and task != "sst" else None)
+                 if self.symmetric and task_named(task).is_pair else None)
         batch = to_device(self.data[task].batch(indices, swap=None if swaps is None else swaps[part]), self.device)
         result = self.train_batch(task, batch, global_step, weight, n=len(indices))
         result.examples = len(global_indices)
@@ -129,7 +130,7 @@ class SurgerySteps(BatchSteps):
         out = StepResult()
         for task, indices in group.items():
             swaps = (pair_swaps(self.seed, global_step, len(indices), stream=self.surgery.tasks.index(task))
-                     if self.symmetric and task != "sst" else None)
+                     if self.symmetric and task_named(task).is_pair else None)
             batch = to_device(self.data[task].batch(indices, swap=swaps), self.device)
             r = self.train_batch(task, batch, global_step, weights[task], n=len(indices))
             self.surgery.collect(task)  # one task's graph at a time

@@ -32,6 +32,7 @@ from ..regularizers.ema import WeightEma
 from ..optim.lr_schedule import LRSchedule, warmup_steps
 from ..smart import EmaTeacher, step_seed
 from ..regularizers.surgery import GradientSurgery
+from ..tasks import METRIC_KEYS
 from .checkpoint import Checkpointer, copy_checkpoint, find_last_checkpoint, is_complete, read_state
 from .components import (EpochTotals, NonFiniteGuard, Progress, RngState, RunRecord, ScheduleIdentity,
                          StopRequest, Stopped, TrainingClock)
@@ -283,7 +284,7 @@ class Trainer:
         metrics, preds = evaluate_dev(eval_model, self.dev_data, *args, sharded=True)
         if self.ema is not None:  # the raw weights too, to see what the average adds
             raw, _ = evaluate_dev(self.model, self.dev_data, *args, sharded=True)
-            metrics.update({f"raw_{k}": raw[k] for k in ("sst_acc", "quora_acc", "sts_pearson", "mean_score")})
+            metrics.update({f"raw_{k}": raw[k] for k in (*METRIC_KEYS, "mean_score")})
         return metrics, preds, time.perf_counter() - t0
 
     def end_epoch(self, epoch: int, stats: dict, clock: TrainingClock) -> None:

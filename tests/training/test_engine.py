@@ -2,6 +2,7 @@
 skipped steps counted alike in every step shape, no disk access in a step, dev evaluation sharded
 over ranks with the same outputs, generic component checkpoints, old checkpoints refused."""
 
+import dataclasses
 import json
 import math
 import os
@@ -77,15 +78,15 @@ def test_single_task_steps_keep_their_pair_order(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("shape", [[], ["--grad-surgery", "pcgrad"]], ids=["single-task", "surgery"])
 def test_skipped_steps_count_alike_in_every_step_shape(tiny, tmp_path, monkeypatch, shape):
     """The single-task loop counted a skipped step's examples as trained, the surgery loop did not."""
-    from smarter_fast import losses
-    real, calls = losses.LOSSES["sst"], {"n": 0}
+    from smarter_fast import tasks
+    real, calls = tasks.SST.loss, {"n": 0}
 
     def nan_on_second(out, labels):
         calls["n"] += 1
         loss = real(out, labels)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setitem(losses.LOSSES, "sst", nan_on_second)
+    monkeypatch.setitem(tasks.BY_NAME, "sst", dataclasses.replace(tasks.SST, loss=nan_on_second))
     out = tmp_path / "run"
     assert main(argv(tiny, out, *shape)) == 0
     r = rows(out)[0]
