@@ -8,7 +8,7 @@
 - `smart-step`: one SST training step of MultitaskBert (embedded MiniLM, batch 8, the same
   length-bucketed SST batches as train-step, smarter_fast.optim.AdamW, automatic backend):
   `plain` (the baseline: forward, loss, backward, step) against `smart-simple`
-  (`smarter_fast.smart.smart_simple_loss`: the embeddings once, clean and perturbed passes,
+  (`smarter_fast.regularizers.smart.smart_simple_loss`: the embeddings once, clean and perturbed passes,
   loss + 10 * smart_mse, sigma 0.05, as `--smart simple` trains) and `smart-simple-ref` (the
   same with the `ref` noise and mean-squared ops), and `smart-full` (`smart_full_loss` with its
   defaults, as `--smart full` trains: one adversarial ascent step, whose backward asks for the

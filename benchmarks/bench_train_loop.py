@@ -58,7 +58,7 @@ def load_loop_data():
     """(encoded training data, the benchmark's schedule, whether the data is real)."""
     from smarter_fast.data.cs224n import load_cs224n
     from smarter_fast.data.tokenize import load_tokenizer
-    from smarter_fast.evaluate import encode_split
+    from smarter_fast.evaluation import encode_split
 
     directory, real = cs224n_dir()
     train = encode_split(load_cs224n(directory, "train", limit=ROWS), load_tokenizer(max_length=128))

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true")
     a = p.parse_args(argv)
     import bench_train_loop as b
-    from smarter_fast.evaluate import EncodedTask
+    from smarter_fast.evaluation import EncodedTask
     from smarter_fast.training import components, steps
 
     train, schedule, real = b.load_loop_data()

@@ -30,7 +30,7 @@ from .data.schedules import SCHEDULES
 from .optim.lr_schedule import LR_SCHEDULES
 from .precision import PRECISIONS
 from .training.recipes import RECIPES, recipe_defaults
-from .smart import SMART_MODES
+from .regularizers.smart import SMART_MODES
 from .regularizers.surgery import SURGERIES
 from .training.config import DEFAULT_EPOCHS, MODEL_OPTIONS, ConfigError, TrainConfig
 from .training.run import DEMO_LR, REPORT_LR, UsageError, run, run_ensemble
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
             return 2
         raise
     finally:
-        from .distributed import shutdown
+        from .training.distributed import shutdown
         shutdown()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smarter_fast.distributed import CallModule, shard
+from smarter_fast.training.distributed import CallModule, shard
 from smarter_fast.train import main
 
 REPO = Path(__file__).resolve().parents[1]

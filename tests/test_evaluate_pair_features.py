@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smarter_fast.data.tokenize import encode_pairs, encode_sentences, load_tokenizer
-from smarter_fast.evaluate import EncodedTask, encode_split, model_outputs
+from smarter_fast.evaluation import EncodedTask, encode_split, model_outputs
 
 TINY_SIZES = {
     "sst": {"train": 15, "dev": 9, "test-student": 5},

@@ -7,7 +7,7 @@ from smarter_fast.tasks import task_loss
 from smarter_fast.model import BertConfig, BertModel, MultitaskBert
 import torch.nn.functional as F
 
-from smarter_fast.smart import (EmaTeacher, adversarial_perturbation, check_mode, smart_full_loss,
+from smarter_fast.regularizers.smart import (EmaTeacher, adversarial_perturbation, check_mode, smart_full_loss,
                                 smart_simple_loss, step_seed, symmetric_divergence)
 
 

@@ -188,7 +188,7 @@ def test_a_checkpoint_round_trips_the_registry_heads_and_names_a_missing_one(tmp
 
 
 def test_smart_forward_uses_the_head_and_type_ids_of_the_registry():
-    from smarter_fast.smart import task_forward
+    from smarter_fast.regularizers.smart import task_forward
 
     seen = []
     batch = {"input_ids": 1, "attention_mask": 2, "token_type_ids": 3}
@@ -200,16 +200,16 @@ def test_smart_forward_uses_the_head_and_type_ids_of_the_registry():
 # ---- evaluation and reports ------------------------------------------------------------------------
 @pytest.mark.parametrize("t", TASKS, ids=TASK_NAMES)
 def test_prediction_files_are_the_registry_names_and_headers(tmp_path, t):
-    from smarter_fast import evaluate
+    from smarter_fast import evaluation
 
     for split in ("dev", "test-student"):
-        path = evaluate.write_predictions(tmp_path, t.name, split, ["a"], [1])
+        path = evaluation.write_predictions(tmp_path, t.name, split, ["a"], [1])
         assert path.name == t.prediction_file(split)
         assert path.read_text().splitlines()[0] == f"id \t {t.prediction_header} "
 
 
 def test_metrics_and_printed_lines_use_the_registry_keys(tmp_path):
-    from smarter_fast.evaluate import compute_metrics, format_class_metrics
+    from smarter_fast.evaluation import compute_metrics, format_class_metrics
     from smarter_fast.report import format_metrics, plot_learning_curves
 
     rng = np.random.default_rng(0)
@@ -225,7 +225,7 @@ def test_metrics_and_printed_lines_use_the_registry_keys(tmp_path):
 
 
 def test_symmetric_pair_metrics_are_given_for_the_pair_tasks_only(monkeypatch):
-    import smarter_fast.evaluate as ev
+    import smarter_fast.evaluation as ev
 
     class Encoded:
         def __init__(self, t, labels):

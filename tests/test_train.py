@@ -183,12 +183,12 @@ def test_recipe_precision_auto_follows_the_cpu(tiny, tmp_path, capsys, monkeypat
 def test_ensemble_trains_members_then_averages_their_outputs(tiny, tmp_path, capsys):
     """--ensemble 2: two members (seeds 5 and 6, half the budget each) in OUT/member1..2, then
     OUT/dev_metrics.json and predictions from their averaged outputs, which equal
-    evaluate.Ensemble's on the members' best checkpoints and differ from either member's."""
+    evaluation.Ensemble's on the members' best checkpoints and differ from either member's."""
     import numpy as np
 
     from smarter_fast.data.cs224n import load_cs224n
     from smarter_fast.data.tokenize import load_tokenizer
-    from smarter_fast.evaluate import Ensemble, encode_for, model_outputs
+    from smarter_fast.evaluation import Ensemble, encode_for, model_outputs
     from smarter_fast.model import MultitaskBert
 
     out = tmp_path / "ens"

@@ -252,7 +252,7 @@ def bench_smart(table: Table, backend: str) -> None:
 
     def smart_two_passes():
         try:
-            from ..smart import smart_simple_loss
+            from ..regularizers.smart import smart_simple_loss
             batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
             with amp():
                 loss = smart_simple_loss(model, SST.name, batch, 1e-5, 1.0, 1234, backend=backend)[0]
@@ -283,7 +283,7 @@ def bench_smart(table: Table, backend: str) -> None:
 
     base = cuda_time_ms(plain, warmup=5, reps=30)
     table.row(f"plain step ({opt_name})", f"{base:.2f}", "1.00x")
-    for name, fn in (("SMART, two encoder passes (smarter_fast.smart)", smart_two_passes),
+    for name, fn in (("SMART, two encoder passes (smarter_fast.regularizers.smart)", smart_two_passes),
                      ("SMART, one encoder pass of 2B", smart_one_batch_2b)):
         try:
             ms = cuda_time_ms(fn, warmup=5, reps=30)

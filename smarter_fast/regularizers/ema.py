@@ -17,7 +17,7 @@ import torch
 
 class WeightEma:
     """A frozen eval-mode copy of `model` whose weights follow the moving average. warmup=False
-    uses DECAY from the first update (the Bregman teacher of full SMART, smarter_fast.smart)."""
+    uses DECAY from the first update (the Bregman teacher of full SMART, smarter_fast.regularizers.smart)."""
 
     def __init__(self, model, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:

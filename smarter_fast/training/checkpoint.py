@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from . import distributed
 
 log = logging.getLogger("smarter_fast")
 FORMAT_VERSION = 3  # 3: one train_state.pt of component state dicts (2: optimizer.pt + JSON keys)

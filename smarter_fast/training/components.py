@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import distributed
+from . import distributed
 
 log = logging.getLogger("smarter_fast")
 

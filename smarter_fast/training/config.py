@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..data.schedules import SAMPLERS, SCHEDULES
 from ..optim.lr_schedule import LR_SCHEDULES
 from ..precision import PRECISIONS
-from ..smart import SMART_MODES
+from ..regularizers.smart import SMART_MODES
 from ..regularizers.surgery import SURGERIES
 
 DEFAULT_EPOCHS = 10

@@ -3,14 +3,14 @@
 An objective is called as `objective(model, task, batch, global_step)` and returns
 `(total, task loss, SMART term or None)`; `total` is what is differentiated. Kinds:
 - `Plain`: the task's loss (cross-entropy, BCE or MSE; smarter_fast.tasks);
-- `SmartSimple`: the report's Algorithm 1 (noise on the embedding output; smarter_fast.smart);
+- `SmartSimple`: the report's Algorithm 1 (noise on the embedding output; smarter_fast.regularizers.smart);
 - `SmartFull`: adversarial SMART, with the Bregman teacher when one is given.
 To add a kind: a class with that call signature, and a branch in `build_objective`.
 """
 
 from __future__ import annotations
 
-from ..smart import smart_full_loss, smart_simple_loss, step_seed, task_forward
+from ..regularizers.smart import smart_full_loss, smart_simple_loss, step_seed, task_forward
 from ..tasks import task_loss
 
 

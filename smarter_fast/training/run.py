@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import distributed
+from . import distributed
 from ..data.cs224n import DataError, find_data_files, load_cs224n
 from ..data.schedules import TASK_ORDER, Schedule, resolve_split_parts
 from ..precision import resolve_precision
@@ -199,7 +199,7 @@ def prepare(config: TrainConfig) -> RunSetup:
 def load_data(config: TrainConfig, setup: RunSetup):
     """(tokenizer, train data, dev data, schedule, recipe settings): read, tokenize, check."""
     from ..data.tokenize import load_tokenizer
-    from ..evaluate import encode_split
+    from ..evaluation import encode_split
     tokenizer = load_tokenizer(config.pretrained, max_length=config.max_length)
     try:
         train_split = load_cs224n(setup.data_dir, "train", limit=config.limit, strict=config.strict)
@@ -299,7 +299,7 @@ def run(config: TrainConfig) -> int:
 
 def final_evaluation(trainer: Trainer, tokenizer, setup: RunSetup, last_epoch) -> dict:
     """Predictions and the confusion matrix of the best checkpoint (rank 0)."""
-    from ..evaluate import format_class_metrics, write_evaluation
+    from ..evaluation import format_class_metrics, write_evaluation
     from ..model import MultitaskBert
     from ..report import format_metrics
     config, best_dir = trainer.config, trainer.ck_dir / "best"
@@ -324,7 +324,7 @@ def final_evaluation(trainer: Trainer, tokenizer, setup: RunSetup, last_epoch) -
 
 def run_ensemble(config: TrainConfig) -> int:
     """--ensemble K: the members, each a whole `run` of its own in OUT/memberI (seed + I - 1,
-    budget / K), then their best checkpoints evaluated together (evaluate.Ensemble: raw outputs
+    budget / K), then their best checkpoints evaluated together (evaluation.Ensemble: raw outputs
     averaged) into OUT: dev_metrics.json, predictions/, plots/ and ensemble.json (the members'
     own dev metrics beside the ensemble's)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -345,7 +345,7 @@ def run_ensemble(config: TrainConfig) -> int:
 
 def evaluate_ensemble(config: TrainConfig, out_dir: Path, members: list[Path]) -> int:
     from ..data.tokenize import load_tokenizer
-    from ..evaluate import Ensemble, format_class_metrics, write_evaluation
+    from ..evaluation import Ensemble, format_class_metrics, write_evaluation
     from ..model import MultitaskBert
     from ..report import atomic_write_json, format_metrics
     if config.num_threads:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import distributed
+from . import distributed
 from ..model.grad_sinks import attach_grad_sinks
 from ..tasks import task as task_named
 

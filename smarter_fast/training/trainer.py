@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from . import distributed
 from ..data.schedules import TASK_ORDER
 from ..regularizers.ema import WeightEma
 from ..optim.lr_schedule import LRSchedule, warmup_steps
-from ..smart import EmaTeacher, step_seed
+from ..regularizers.smart import EmaTeacher, step_seed
 from ..regularizers.surgery import GradientSurgery
 from ..tasks import METRIC_KEYS
 from .checkpoint import Checkpointer, copy_checkpoint, find_last_checkpoint, is_complete, read_state
@@ -277,13 +277,13 @@ class Trainer:
     # -- evaluation and the end of an epoch -------------------------------------------------------------
     def evaluate(self) -> tuple[dict, dict, float]:
         """(dev metrics, dev predictions, seconds): every rank evaluates its share of the batches."""
-        from ..evaluate import evaluate_dev
+        from ..evaluation import evaluate_dev
         t0 = time.perf_counter()
         eval_model = self.ema.model if self.ema is not None else self.model
         args = (self.config.eval_batch_size, self.device, self.autocast_dtype)
-        metrics, preds = evaluate_dev(eval_model, self.dev_data, *args, sharded=True)
+        metrics, preds = evaluate_dev(eval_model, self.dev_data, *args, shard=distributed)
         if self.ema is not None:  # the raw weights too, to see what the average adds
-            raw, _ = evaluate_dev(self.model, self.dev_data, *args, sharded=True)
+            raw, _ = evaluate_dev(self.model, self.dev_data, *args, shard=distributed)
             metrics.update({f"raw_{k}": raw[k] for k in (*METRIC_KEYS, "mean_score")})
         return metrics, preds, time.perf_counter() - t0
 

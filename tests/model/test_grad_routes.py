@@ -61,7 +61,7 @@ def _assert_same_grads(got: dict, want: dict) -> None:
 def test_smart_full_gradients_equal_plain_autograd(task):
     """The adversarial ascent's torch.autograd.grad(inner, delta) must not write the inner loss's
     weight gradients into p.grad (it did: up to 10% of the gradient here)."""
-    from smarter_fast.smart import smart_full_loss
+    from smarter_fast.regularizers.smart import smart_full_loss
 
     fast, slow = _models()
     batch = _batch(task != "sst")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from smarter_fast.model import BertConfig, BertModel, MultitaskBert, save_checkpoint
-from smarter_fast.smart import smart_full_loss, smart_simple_loss
+from smarter_fast.regularizers.smart import smart_full_loss, smart_simple_loss
 
 H = 24
 VOCAB = 41

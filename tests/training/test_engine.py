@@ -36,7 +36,7 @@ def rows(out):
 
 def record_swaps(monkeypatch):
     """Every training batch's (task, swap pattern), in call order (evaluation calls pass a bool)."""
-    from smarter_fast.evaluate import EncodedTask
+    from smarter_fast.evaluation import EncodedTask
     seen, real = [], EncodedTask.batch
 
     def batch(self, indices, pad_id=0, swap=None):
@@ -123,9 +123,9 @@ def test_a_training_step_touches_no_file(tiny, tmp_path, monkeypatch):
 def test_sharded_dev_evaluation_gives_the_one_process_outputs(tiny, monkeypatch):
     """Under torchrun every rank evaluates every world-th batch (rank 0 alone did, while the
     others waited in a collective); gathered, the outputs are those of one process."""
-    from smarter_fast import distributed
+    from smarter_fast.training import distributed
     from smarter_fast.data.tokenize import load_tokenizer
-    from smarter_fast.evaluate import EncodedTask, model_outputs
+    from smarter_fast.evaluation import EncodedTask, model_outputs
     from smarter_fast.model import MultitaskBert
     ckpt, _ = tiny
     model = MultitaskBert.from_pretrained(ckpt, backend="ref")
@@ -148,11 +148,11 @@ def test_sharded_dev_evaluation_gives_the_one_process_outputs(tiny, monkeypatch)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
     monkeypatch.setattr(distributed, "all_gather_object", rank1_gather)
     with pytest.raises(Gathered) as e:
-        model_outputs(model, data, batch_size=5, sharded=True)
+        model_outputs(model, data, batch_size=5, shard=distributed)
     part1 = e.value.args[0]
     monkeypatch.setattr(distributed, "rank", lambda: 0)
     monkeypatch.setattr(distributed, "all_gather_object", lambda mine: [mine, part1])
-    got = model_outputs(model, data, batch_size=5, sharded=True)
+    got = model_outputs(model, data, batch_size=5, shard=distributed)
     np.testing.assert_array_equal(got, whole)
     assert 0 < len(part1) < 23  # rank 1 did its share: batches 1, 3 of 5
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from smarter_fast.evaluate import (EncodedTask, accuracy, combine, compute_metrics, confusion_matrix,
+from smarter_fast.evaluation import (EncodedTask, accuracy, combine, compute_metrics, confusion_matrix,
                                    macro_f1, model_outputs, pearson, predictions_from_outputs,
                                    read_predictions, write_predictions)
 

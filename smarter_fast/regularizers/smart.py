@@ -35,9 +35,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .regularizers.ema import WeightEma
-from .tasks import task as task_named, task_loss
+from .. import ops
+from .ema import WeightEma
+from ..tasks import task as task_named, task_loss
 
 SMART_MODES = ("off", "simple", "full")
 
