@@ -159,3 +159,18 @@ def test_no_process_wide_optimizer_hooks_and_no_outside_design_file():
         assert "register_optimizer_step_pre_hook" not in text, path
         assert "register_optimizer_step_post_hook" not in text, path
         assert "DESIGN.md" not in text, f"{path} cites a file outside the repository"
+
+
+def test_every_command_runs_with_python_dash_m():
+    """`python -m smarter_fast.<command> --help` works for every command (info takes no options
+    and prints its report; selfcheck without CUDA says so), from any directory."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent), "SMARTER_FAST_NO_EXT": "1"}
+    for name in COMMANDS:
+        r = subprocess.run([sys.executable, "-m", f"smarter_fast.{name}", "--help"], env=env,
+                           capture_output=True, text=True, timeout=120, cwd="/")
+        assert r.returncode == 0, f"{name}: {r.stderr[-2000:]}"
+        assert r.stdout.strip(), name
