@@ -28,7 +28,7 @@ COPY_N = 10_616_832  # its 6 x 4 encoder Linear weights, 6 x (4 x 384^2 + 2 x 38
 
 
 @pytest.mark.parametrize("provider", ["sum-dtype-f32", "sum-bf16"])
-def benchbias_grad(benchmark, provider):
+def bench_bias_grad(benchmark, provider):
     from smarter_fast.model.grad_sinks import bias_grad
 
     g = torch.randn(TOKENS, OUT).bfloat16()

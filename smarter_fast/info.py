@@ -6,10 +6,13 @@ One line per op and backend, `<op> <backend> available` or `<op> <backend> unava
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    argparse.ArgumentParser(prog="python -m smarter_fast.info", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     from .diagnostics.environment import report
 
     for line in report():

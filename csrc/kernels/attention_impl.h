@@ -228,9 +228,8 @@ inline void zero_rows(const AttnTensor& t, const Rows& rows, int64_t from, int64
 // Prefetches rows 0..n of t (the next work item's inputs and outputs) into L2 (a hint of low
 // temporal locality: into L1 they would evict this item's workspace): the rows of a
 // (sequence, head) are scattered (token stride H * D or 3 * H * D), so the hardware prefetcher
-// does not find them and the first touch would otherwise stall on every row. Measured on the
-// 2-core AVX-512 machine (B=32, L=64, D=32, one thread): forward 144 -> 102 us and backward
-// 302 -> 256 us per sequence.
+// does not find them and the first touch would otherwise stall on every row (a sizeable share
+// of a short sequence's time: benchmarks/bench_attention.py).
 // Always inlined: as a function of its own, GCC 12 deems it pure (prefetches are not side
 // effects) and deletes the calls.
 template <typename T>

@@ -1,3 +1,3 @@
 // The AVX2 build of the vectorised kernels: compiled with the flags of
-// smarter_fast/_capabilities.py (-DCPU_CAPABILITY=AVX2 ...).
+// smarter_fast/ops/capabilities.py (-DCPU_CAPABILITY=AVX2 ...).
 #include "kernels_impl.h"

@@ -1,3 +1,3 @@
 // The DEFAULT build of the vectorised kernels: compiled with the flags of
-// smarter_fast/_capabilities.py (-DCPU_CAPABILITY=DEFAULT ...).
+// smarter_fast/ops/capabilities.py (-DCPU_CAPABILITY=DEFAULT ...).
 #include "kernels_impl.h"

@@ -1,5 +1,5 @@
 // Vectorised CPU kernels, compiled once per capability (see capability_*.cpp and
-// smarter_fast/_capabilities.py). Each TU is built with -DCPU_CAPABILITY=<NAME> and the matching
+// smarter_fast/ops/capabilities.py). Each TU is built with -DCPU_CAPABILITY=<NAME> and the matching
 // -m flags, so at::vec::Vectorized<float> holds 8 (AVX2) or 16 (AVX512) lanes here.
 #pragma once
 

@@ -223,11 +223,12 @@ def _our_optimizer(model, backend):
     try:
         from ..optim import AdamW
         opt = AdamW(model.parameters(), lr=1e-5, weight_decay=0.01, backend=backend)
-        attach_grad_sinks(model, opt)
-        return opt, f"smarter_fast.optim.AdamW(backend={backend!r})"
-    except Exception as e:  # the optimizer module may be absent in a partial checkout
-        return (torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True),
-                f"torch fused AdamW (smarter_fast.optim unavailable: {e})")
+        name = f"smarter_fast.optim.AdamW(backend={backend!r})"
+    except Exception as e:  # e.g. the requested backend cannot step these parameters
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        name = f"torch fused AdamW (smarter_fast.optim.AdamW unavailable: {e})"
+    attach_grad_sinks(model, opt)
+    return opt, name
 
 
 def bench_smart(table: Table, backend: str) -> None:

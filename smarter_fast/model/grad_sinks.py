@@ -330,9 +330,12 @@ class GradSinks(_Detached):
 def attach_grad_sinks(model: nn.Module, optimizer=None, *,
                       keep_cast_buffers: bool = True) -> GradSinks:
     """Let `model`'s encoder write its gradients into `optimizer`'s memory (see above). Call it
-    once, after the optimizer is built; the Trainer's step does. keep_cast_buffers=False casts
-    weights afresh each forward under autocast (for comparison)."""
-    return GradSinks(model, optimizer, keep_cast_buffers)
+    once, after the optimizer is built, with the optimizer that steps the model (the Trainer's
+    step does): only that optimizer's steps refresh the kept bf16 weights and hand over its
+    buffers; attaching again replaces the sinks. optimizer=None: gradients only, for code that
+    steps the weights itself; weights are then cast afresh each forward, since no step hook says
+    when they changed. keep_cast_buffers=False casts afresh in any case (for comparison)."""
+    return GradSinks(model, optimizer, keep_cast_buffers and optimizer is not None)
 
 
 # ---- the calls the encoder makes ---------------------------------------------------------------

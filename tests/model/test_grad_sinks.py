@@ -262,7 +262,7 @@ def test_kept_cast_buffer_refreshed_under_a_pending_graph_fails_loudly():
     between: the kept copy is refreshed, and the first graph's backward raises autograd's
     in-place error rather than using the new weights."""
     model = _tiny_bert(seed=4)
-    attach_grad_sinks(model)
+    attach_grad_sinks(model, torch.optim.SGD(model.parameters(), lr=0.1))
     ids = torch.randint(1, 40, (2, 5))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         first = model(ids)["pooler_output"].float().sum()
@@ -383,3 +383,24 @@ def test_sinks_stand_aside_under_torch_distributed(tmp_path, caplog):
     assert fast.layers[0].qkv._grad_sink.weight.buf is None  # nothing went through the sink
     for (n, a), b in zip(fast.named_parameters(), slow.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=n)
+
+
+def test_sinks_without_an_optimizer_cast_afresh_under_bf16():
+    """attach_grad_sinks(model) without the optimizer: nothing says when our AdamW rewrote the
+    weights (its flat-buffer update leaves p._version alone), so the sinks must cast afresh each
+    forward rather than keep a copy: bf16 training equals plain autograd bit for bit."""
+    from smarter_fast.optim import AdamW
+
+    fast, slow = _tiny_bert(seed=10), _tiny_bert(seed=10)
+    opts = [AdamW(m.parameters(), lr=1e-2, backend="ref") for m in (fast, slow)]
+    attach_grad_sinks(fast)
+    ids = torch.randint(1, 40, (4, 3, 7))
+    for step in range(4):
+        for m, opt in zip((fast, slow), opts):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(ids[step])["pooler_output"].float()
+            (out ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, a), b in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

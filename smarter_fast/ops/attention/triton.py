@@ -1,6 +1,6 @@
 """Triton attention for short sequences: padded (key-padding mask) and packed (cu_seqlens).
 
-What the kernels do (issue 6):
+What the kernels do:
 - Key padding comes from per-sequence lengths, computed once from the (B, L) mask (and cached
   while the same mask is reused by every layer); the kernels never load a mask tensor. The
   mask must be right padding (real tokens first): checked on CPU, documented on CUDA, where a

@@ -13,7 +13,7 @@ import torch
 from smarter_fast.training.distributed import CallModule, shard
 from smarter_fast.train import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZES = {"sst": {"train": 30, "dev": 12, "test-student": 4},
          "quora": {"train": 30, "dev": 12, "test-student": 4},
          "sts": {"train": 22, "dev": 12, "test-student": 4}}
