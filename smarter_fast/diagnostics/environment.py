@@ -61,6 +61,9 @@ def report() -> list[str]:
     except ValueError as e:
         default = f"invalid ({e})"
     lines.append(f"default backend: {default} (set {ENV_VAR} or --backend to force one)")
+    from importlib import import_module
+
+    lines.append("triton attention in fp32: " + import_module("smarter_fast.ops.attention.triton").fp32_mode())
     for name in ("attention", "attention_varlen", "adamw", "smart_noise", "smart_mse"):
         for backend in OPS[name].ordered():
             why = backend.availability()

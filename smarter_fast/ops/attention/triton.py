@@ -49,7 +49,7 @@ from .ref import draw_dropout_seed, dropout_threshold
 from ..triton_support import (TRITON_ERROR, availability, skip_launch, tl, triton,  # noqa: F401
                               triton_op, wrap_triton)
 
-HEAD_DIMS = (32, 64, 128)
+HEAD_DIMS = (32, 64)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 
@@ -61,7 +61,8 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK": 16}
 def check(q, k, v, dropout_p=0.0, **_):
     reasons = []
     if q.shape[-1] not in HEAD_DIMS:
-        reasons.append(f"head_dim {q.shape[-1]} not in {'/'.join(map(str, HEAD_DIMS))}")
+        reasons.append(f"head_dim {q.shape[-1]} not in {'/'.join(map(str, HEAD_DIMS))} (the tiles "
+                       "are sized for BERT's head dims; larger ones spill registers on sm_80/sm_90)")
     if q.numel() >= 2**31:
         reasons.append("more than 2^31 elements (32-bit offsets)")
     return reasons
@@ -75,28 +76,81 @@ def _bucket(max_seqlen: int) -> int:
     return max(16, triton.next_power_of_2(max(1, int(max_seqlen))))
 
 
-def _block_n(bucket: int, head_dim: int, dtype: torch.dtype) -> int:
-    # Whole sequence up to 128 keys; fp32 with head_dim 128 would need 2 x 64 KiB for K and V,
-    # so there the tile is 64 (two passes of the online softmax).
-    cap = 64 if head_dim * (4 if dtype == torch.float32 else 2) > 256 else 128
-    return min(bucket, cap)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"  # Triton's default; only fp32 operands are affected
 
 
+def fp32_mode() -> str:
+    """How fp32 attention computes its products on the GPU now, for `info`."""
+    if _dot_precision(torch.float32) == "ieee":
+        return ("IEEE fp32 (torch.get_float32_matmul_precision() is 'highest'; 'high' allows TF32, "
+                "with its own tiles)")
+    return "TF32 (torch.get_float32_matmul_precision() allows it; 'highest' gives IEEE fp32)"
+
+
+def _precision_class(dtype: torch.dtype) -> str:
+    """"lowp" (bf16, fp16), "tf32" (fp32 where torch allows TF32) or "ieee" (fp32 otherwise)."""
+    return _dot_precision(dtype) if dtype == torch.float32 else "lowp"
+
+
+# Tiles per (precision class, head dim), chosen from the GPU compile check (docs/design.md, "GPU
+# compile check"): the fixed configs spill no registers on sm_80 and sm_90 and the autotune
+# candidates at most 512 bytes, all within both targets' shared memory. Forward: BLOCK_N keys per
+# pass (the whole sequence up to that), then (BLOCK_M, num_warps); backward: (BLOCK, num_warps).
+_TILES = {
+    ("lowp", 32): dict(block_n=128, fwd=(32, 8), fwd_tune=((32, 4), (32, 8), (64, 8)),
+                       bwd=(32, 8), bwd_tune=((32, 4), (32, 8), (64, 8))),
+    ("lowp", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8), (64, 8)),
+                       bwd=(32, 8), bwd_tune=((16, 4), (32, 8))),
+    ("tf32", 32): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8), (64, 8)),
+                       bwd=(32, 8), bwd_tune=((16, 8), (32, 4), (32, 8), (64, 8))),
+    ("tf32", 64): dict(block_n=128, fwd=(32, 8), fwd_tune=((16, 8), (32, 8), (64, 8)),
+                       bwd=(32, 8), bwd_tune=((16, 8), (32, 4), (32, 8))),
+    ("ieee", 32): dict(block_n=128, fwd=(32, 8), fwd_tune=((16, 8), (32, 8)),
+                       bwd=(16, 8), bwd_tune=((16, 8), (32, 4), (32, 8))),
+    ("ieee", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8)),
+                       bwd=(16, 4), bwd_tune=((16, 4), (16, 8), (32, 8))),
+}
+
+
+def _tiles(dtype: torch.dtype, head_dim: int) -> dict:
+    return _TILES[(_precision_class(dtype), head_dim)]
+
+
+def _block_n(bucket: int, head_dim: int, dtype: torch.dtype) -> int:
+    return min(bucket, _tiles(dtype, head_dim)["block_n"])
+
+
+def _fit(block: int, bucket: int) -> int:
+    """A tile no taller than the bucket (a shorter bucket has less to cover)."""
+    return min(block, max(16, bucket))
+
+
 if TRITON_ERROR is None:
+
+    def _all_tune(key):
+        return sorted({c for tiles in _TILES.values() for c in tiles[key]})
 
     def _fwd_configs():
         return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=2)
-                for bm, w in ((32, 4), (64, 4), (128, 8))]
+                for bm, w in _all_tune("fwd_tune")]
 
     def _bwd_configs():
         return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1)
-                for b, w in ((32, 4), (64, 4), (64, 8), (128, 8))]
+                for b, w in _all_tune("bwd_tune")]
+
+    def _pruner(key, block):
+        """Autotune candidates of this launch's precision class and head dim (from _TILES),
+        no taller than its length bucket (the smallest one when all are)."""
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            tiles = _tiles(args["Q"].dtype, args["HEAD_DIM"])
+            mine = [c for c in configs if (c.kwargs[block], c.num_warps) in tiles[key]]
+            fitting = [c for c in mine if c.kwargs[block] <= max(16, args["L_BUCKET"])]
+            return fitting or [min(mine, key=lambda c: c.kwargs[block])]
+        return {"early_config_prune": prune}
 
     @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
@@ -288,9 +342,11 @@ if TRITON_ERROR is None:
             tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=store_t[:, None])
 
     _attn_fwd_tuned = triton.autotune(configs=_fwd_configs(),
-                                      key=["L_BUCKET", "HEAD_DIM", "VARLEN"])(_attn_fwd_kernel)
+                                      key=["L_BUCKET", "HEAD_DIM", "VARLEN", "PRECISION"],
+                                      prune_configs_by=_pruner("fwd_tune", "BLOCK_M"))(_attn_fwd_kernel)
     _attn_bwd_tuned = triton.autotune(configs=_bwd_configs(),
-                                      key=["L_BUCKET", "HEAD_DIM", "VARLEN"])(_attn_bwd_kernel)
+                                      key=["L_BUCKET", "HEAD_DIM", "VARLEN", "PRECISION"],
+                                      prune_configs_by=_pruner("bwd_tune", "BLOCK"))(_attn_bwd_kernel)
 
     def _dropout_args(dropout_p, seed):
         """(seed, threshold, scale) kernel arguments: keys are kept when the top 24 bits of
@@ -356,11 +412,12 @@ if TRITON_ERROR is None:
             grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), n_seq * heads)  # noqa: E731
             wrap_triton(_attn_fwd_tuned)[grid](*args, **meta,
                                                BLOCK_N=_block_n(bucket, dim, q.dtype))
-        else:  # fixed heuristic config: one compile per shape class
-            bm, bn = min(64, bucket), _block_n(bucket, dim, q.dtype)
+        else:  # the fixed config of this precision class and head dim
+            bm, warps = _tiles(q.dtype, dim)["fwd"]
+            bm = _fit(bm, bucket)
             wrap_triton(_attn_fwd_kernel)[(triton.cdiv(rows, bm), n_seq * heads)](
-                *args, **meta, BLOCK_M=bm, BLOCK_N=bn,
-                num_warps=8 if bn * dim >= 128 * 64 else 4, num_stages=2)
+                *args, **meta, BLOCK_M=bm, BLOCK_N=_block_n(bucket, dim, q.dtype),
+                num_warps=warps, num_stages=2)
         return out, lse
 
     @triton_op("smarter_fast_triton::attention_bwd", mutates_args=())
@@ -399,10 +456,11 @@ if TRITON_ERROR is None:
         elif autotune_enabled():
             grid = lambda META: (triton.cdiv(rows, META["BLOCK"]), n_seq * heads)  # noqa: E731
             wrap_triton(_attn_bwd_tuned)[grid](*args, **meta)
-        else:  # fixed heuristic config; fp32 or head_dim 128: smaller tiles (registers)
-            blk = 32 if (dim == 128 or q.dtype == torch.float32) else min(64, bucket)
+        else:  # the fixed config of this precision class and head dim
+            blk, warps = _tiles(q.dtype, dim)["bwd"]
+            blk = _fit(blk, bucket)
             wrap_triton(_attn_bwd_kernel)[(triton.cdiv(rows, blk), n_seq * heads)](
-                *args, **meta, BLOCK=blk, num_warps=4, num_stages=1)
+                *args, **meta, BLOCK=blk, num_warps=warps, num_stages=1)
         return dq, dk, dv
 
     def _setup_context(ctx, inputs, output):
