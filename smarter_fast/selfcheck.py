@@ -36,11 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", default="auto", help="backend for the model timings")
     ap.add_argument("--adamw-params", type=int, default=22_713_216,
                     help="parameter count for the AdamW row (default: all-MiniLM-L6-v2's)")
+    ap.add_argument("--compile", action="store_true",
+                    help="no GPU needed: compile every Triton launch ahead of time for sm_80 and "
+                         "sm_90 and check shared memory and register spills (writes --out, and "
+                         "the rows as JSON beside it); exit 1 if a launch breaks a rule")
+    ap.add_argument("--full", action="store_true",
+                    help="with --compile: every length bucket (default: bucket 128, as CI)")
     return ap
+
+
+def compile_check(out: str, full: bool) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from .ops.gpu_compile import run, table
+
+    rows = run(full=full)
+    Path(out).write_text(table(rows))
+    Path(out).with_suffix(".json").write_text(
+        json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
+    bad = [r for r in rows if r.problems]
+    for r in bad:
+        print(f"{r.kernel} {r.config} sm_{r.target} {r.case}: {'; '.join(r.problems)}")
+    print(f"{len(rows)} compiled launches, {len(bad)} breaking a rule (table: {out})")
+    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compile:
+        return compile_check(args.out if args.out != "selfcheck.md" else "gpu-compile.md", args.full)
     from .diagnostics.cuda import run
 
     return run(args.out, args.skip_tests, args.tests_timeout, args.no_autotune, args.backend,
