@@ -142,9 +142,46 @@ def bench_attention(table: Table) -> None:
 
                 try:
                     ms = cuda_time_ms(ours)
-                    table.row(L, D, b.name, f"{ms:.3f}", f"{base / ms:.2f}x")
+                    compiled = ("; " + compiled_stats("attention")) if b.name == "triton" else ""
+                    table.row(L, D, b.name, f"{ms:.3f}", f"{base / ms:.2f}x{compiled}")
                 except Exception as e:  # report, keep going
                     table.row(L, D, b.name, "-", f"failed: {type(e).__name__}: {e}"[:200])
+
+
+def compiled_stats(op: str) -> str:
+    """Registers, spill bytes and shared memory of the Triton kernels of `op` compiled so far on
+    this device, as the driver reports them (the largest over each kernel's variants): what the
+    GPU compile check (selfcheck --compile) predicts, seen on the real device."""
+    import importlib
+
+    import triton
+
+    module = importlib.import_module(f"smarter_fast.ops.{op}.triton")
+    parts = []
+    for name in sorted(vars(module)):
+        fn = getattr(module, name)
+        if not isinstance(fn, triton.runtime.JITFunction):
+            continue
+        try:
+            kernels = [k for caches in fn.device_caches.values() for k in caches[0].values()]
+            for k in kernels:
+                k._init_handles()  # fills n_regs / n_spills from the loaded binary
+        except Exception as e:  # Triton versions differ in these internals
+            parts.append(f"{name}: n/a ({type(e).__name__})")
+            continue
+        if kernels:
+            parts.append(f"{name.strip('_')} x{len(kernels)}: regs<={max(k.n_regs for k in kernels)}"
+                         f" spills<={max(k.n_spills for k in kernels)}"
+                         f" smem<={max(k.metadata.shared for k in kernels) // 1024}KiB")
+    return ", ".join(parts) or "no compiled kernels"
+
+
+def bench_compiled(table: Table) -> None:
+    """Every Triton kernel the timings compiled, as the device reports it."""
+    table.section("Compiled Triton kernels (registers, spill bytes, shared memory: the driver's)",
+                  ["op", "kernels"])
+    for op in ("attention", "adamw", "smart"):
+        table.row(op, compiled_stats(op))
 
 
 def bench_adamw(table: Table, n: int) -> None:
@@ -413,7 +450,8 @@ def run(out: str = "selfcheck.md", skip_tests: bool = False, tests_timeout: int 
     for name, fn in (("attention", lambda: bench_attention(table)),
                      ("adamw", lambda: bench_adamw(table, adamw_params)),
                      ("smart", lambda: bench_smart(table, backend)),
-                     ("end to end", lambda: bench_end_to_end(table, backend, 32, 128))):
+                     ("end to end", lambda: bench_end_to_end(table, backend, 32, 128)),
+                     ("compiled kernels", lambda: bench_compiled(table))):
         print(f"timing {name} ...", flush=True)
         try:
             fn()
