@@ -96,13 +96,13 @@ def _precision_class(dtype: torch.dtype) -> str:
 
 
 # Tiles per (precision class, head dim), chosen from the GPU compile check (docs/design.md, "GPU
-# compile check"): the fixed configs spill no registers on sm_80 and sm_90 and the autotune
-# candidates at most 512 bytes, all within both targets' shared memory. Forward: BLOCK_N keys per
+# compile check") under Triton 3.6 and 3.9: the fixed configs spill no registers on sm_80 and
+# sm_90 and the autotune candidates at most 512 bytes, all within both targets' shared memory. Forward: BLOCK_N keys per
 # pass (the whole sequence up to that), then (BLOCK_M, num_warps); backward: (BLOCK, num_warps).
 _TILES = {
-    ("lowp", 32): dict(block_n=128, fwd=(32, 8), fwd_tune=((32, 4), (32, 8), (64, 8)),
+    ("lowp", 32): dict(block_n=128, fwd=(16, 4), fwd_tune=((16, 4), (16, 8), (32, 8), (64, 8)),
                        bwd=(32, 8), bwd_tune=((32, 4), (32, 8), (64, 8))),
-    ("lowp", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8), (64, 8)),
+    ("lowp", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8)),
                        bwd=(32, 8), bwd_tune=((16, 4), (32, 8))),
     ("tf32", 32): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8), (64, 8)),
                        bwd=(32, 8), bwd_tune=((16, 8), (32, 4), (32, 8), (64, 8))),
@@ -110,7 +110,7 @@ _TILES = {
                        bwd=(32, 8), bwd_tune=((16, 8), (32, 4), (32, 8))),
     ("ieee", 32): dict(block_n=128, fwd=(32, 8), fwd_tune=((16, 8), (32, 8)),
                        bwd=(16, 8), bwd_tune=((16, 8), (32, 4), (32, 8))),
-    ("ieee", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8)),
+    ("ieee", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8),),
                        bwd=(16, 4), bwd_tune=((16, 4), (16, 8), (32, 8))),
 }
 
