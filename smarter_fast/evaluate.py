@@ -1,19 +1,6 @@
-"""Evaluation: metrics, the SST confusion matrix and CS224N leaderboard prediction files.
-
-    python -m smarter_fast.evaluate --checkpoint DIR --data-dir DIR [--out DIR]
-
-Metrics (dev): SST accuracy and macro-F1, Quora accuracy, STS Pearson correlation,
-mean_score = mean(sst_acc, quora_acc, sts_pearson) and
-cs224n_score = mean(sst_acc, quora_acc, (sts_pearson + 1) / 2).
-
-Prediction files, named as in the CS224N starter (sst-dev-output.csv, sst-test-output.csv,
-para-dev-output.csv, para-test-output.csv, sts-dev-output.csv, sts-test-output.csv), one per dev and
-test-student split present: a header `id \\t Predicted_Sentiment` (`Predicted_Is_Paraphrase`,
-`Predicted_Similiary` -- misspelt as the leaderboard expects), then `id , value` per example.
-
-Inference runs in eval mode under torch.inference_mode with length-sorted batches (little padding).
-A model trained with `--pair-order symmetric` (saved in its config.json) predicts each pair as the
-mean of its outputs for (s1, s2) and (s2, s1).
+"""`python -m smarter_fast.evaluate --checkpoint DIR [DIR ...] --data-dir DIR [--out DIR]`: dev
+metrics, the SST confusion matrix and CS224N leaderboard prediction files for a checkpoint (or
+several, as one ensemble). What is computed and written: smarter_fast/evaluation.py.
 """
 
 from __future__ import annotations

@@ -1,16 +1,5 @@
-"""The CUDA self-check behind `python -m smarter_fast.selfcheck`: the CUDA tests, then the hot
-paths timed against PyTorch and Hugging Face, as a markdown table.
-
-Weights are random, in the shapes of all-MiniLM-L6-v2 (the default checkpoint, whose package may
-be absent on the GPU machine), so no download is needed. Timings use CUDA events after warm-up
-(which also runs Triton's autotuning), each the median of several repetitions. Rows:
-- attention forward+backward vs torch SDPA with the boolean key-padding mask, B=32, H=12,
-  L=64/128, D=32/64, bf16, lengths uniform in [L/2, L] (right padding), every backend of
-  smarter_fast.ops.attention that runs on CUDA;
-- AdamW over one flat fp32 buffer of the MiniLM parameter count: GB/s at 28 bytes/param and
-  as a share of a measured device-to-device copy, vs torch.optim.AdamW(fused=True);
-- a SMART step (clean + perturbed passes) vs a plain step, MultitaskBert at batch 8;
-- an end-to-end training step vs Hugging Face transformers' BertModel (when importable).
+"""The CUDA self-check behind `python -m smarter_fast.selfcheck` (its docstring lists the rows):
+the CUDA tests, then the hot paths timed against PyTorch and Hugging Face, as a markdown table.
 """
 
 from __future__ import annotations

@@ -106,6 +106,17 @@ def _grad_route(ctx, index: int) -> str:
         return "return"
 
 
+def _adopted(fresh: bool, buf, g):
+    """The buffer after an optimizer step: if the optimizer moved our buffer's values into a
+    gradient of its own (our AdamW copies stray grads into its flat grad buffer and re-points
+    .grad at its view), that tensor, which holds values where ours did, becomes the buffer: the
+    next backward writes into the optimizer's memory."""
+    if (fresh and buf is not None and g is not None and g is not buf and g.shape == buf.shape
+            and g.dtype == buf.dtype and g.device == buf.device and g.is_contiguous()):
+        return g
+    return buf
+
+
 class _GradSink:
     """Where a fresh gradient of one parameter is written."""
 
@@ -139,15 +150,7 @@ class _GradSink:
         self.fresh = self.fresh and p is not None and p.grad is self.buf
 
     def after_step(self, p) -> None:
-        """If the optimizer moved our buffer's values into a gradient of its own (our AdamW
-        copies stray grads into its flat grad buffer and re-points p.grad at its view), that
-        tensor becomes the buffer: the next backward writes into the optimizer's memory."""
-        g, buf = p.grad, self.buf
-        if (self.fresh and buf is not None and g is not None and g is not buf
-                and g.shape == buf.shape and g.dtype == buf.dtype and g.device == buf.device
-                and g.is_contiguous()):
-            self.buf = g
-        self.fresh = False
+        self.buf, self.fresh = _adopted(self.fresh, self.buf, p.grad), False
 
 
 class LinearSinks(_Detached):
@@ -266,15 +269,8 @@ class WordSink(_Detached):
         self.fresh = self.fresh and m is not None and self.buf is not None and m.weight.grad is self.buf
 
     def after_step(self, held: set, low_precision_copy) -> None:
-        """As _GradSink.after_step: a gradient the optimizer made of our buffer (nonzero on our
-        rows only) becomes the buffer."""
-        m = self.module()
-        g = m.weight.grad if m is not None else None
-        buf = self.buf
-        if (self.fresh and buf is not None and g is not None and g is not buf
-                and g.shape == buf.shape and g.dtype == buf.dtype and g.device == buf.device
-                and g.is_contiguous()):
-            self.buf = g
+        m = self.module()  # the adopted gradient is nonzero on our rows only, as the buffer was
+        self.buf = _adopted(self.fresh, self.buf, m.weight.grad if m is not None else None)
         self.fresh = False
 
 

@@ -293,7 +293,8 @@ def compile_launch(launch: Launch, capability: int) -> list[Compiled]:
             row.shared = int(c.metadata.shared)
             row.registers, row.spill_stores, row.error = _ptxas_report(c.asm["ptx"], capability)
         except Exception as e:  # a compile error is a finding, reported in the table
-            row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+            last = (str(e).strip().splitlines() or [""])[-1]
+            row.error = f"{type(e).__name__}: {last[:300]}"
         rows.append(row)
     return rows
 
