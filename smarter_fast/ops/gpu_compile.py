@@ -127,16 +127,19 @@ ATTENTION_DTYPES = {"fp32": torch.float32, "fp32-tf32": torch.float32,
 def attention_cases(full: bool) -> list[dict]:
     """Attention forward and backward, autotuned (every candidate) and fixed, at head dims 32 and
     64. full: every dtype, length bucket, layout (padded, packed) and dropout setting. Otherwise
-    (CI) length bucket 128 in fp32 (IEEE and TF32) and bf16, padded without dropout and packed
-    with dropout: the two extremes of the kernels' code paths."""
+    (CI) fp32 (IEEE and TF32) and bf16, padded without dropout and packed with dropout (the two
+    extremes of the kernels' code paths): the fixed launch paths at every length bucket (each
+    bucket shrinks or replaces the tile) and the autotune candidates at bucket 128."""
+    buckets = (16, 32, 64, 128)
     if full:
-        grid = itertools.product(ATTENTION_DTYPES, (32, 64), (16, 32, 64, 128),
-                                 ((False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)))
+        grid = itertools.product(ATTENTION_DTYPES, (32, 64), buckets,
+                                 ((False, 0.0), (False, 0.1), (True, 0.0), (True, 0.1)), (True, False))
     else:
-        grid = itertools.product(("fp32", "fp32-tf32", "bf16"), (32, 64), (128,),
-                                 ((False, 0.0), (True, 0.1)))
+        grid = [(d, hd, b, layout, at) for d, hd, b, layout, at in itertools.product(
+                    ("fp32", "fp32-tf32", "bf16"), (32, 64), buckets, ((False, 0.0), (True, 0.1)),
+                    (True, False)) if not at or b == 128]
     return [dict(op="attention", dtype=d, head_dim=hd, bucket=b, varlen=vl, dropout=p, autotune=at)
-            for (d, hd, b, (vl, p)), at in itertools.product(grid, (True, False))]
+            for d, hd, b, (vl, p), at in grid]
 
 
 def _record_attention(case: dict) -> None:

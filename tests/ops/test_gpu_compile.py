@@ -69,6 +69,25 @@ def test_the_recorder_sees_every_launch_site_and_expands_the_pruned_candidates()
         "_mse_backward_kernel"]
 
 
+def test_a_bucket_with_a_tile_of_its_own_launches_it():
+    """Fixed paths: a short bucket shrinks the class's tile, unless `fwd_at` / `bwd_at` give it one."""
+    tiles = at._TILES[("lowp", 64)]
+    assert 16 in tiles["bwd_at"] and 32 not in tiles.get("bwd_at", {})
+    for bucket in (16, 32):
+        case = dict(op="attention", dtype="bf16", head_dim=64, bucket=bucket, varlen=True,
+                    dropout=0.0, autotune=False)
+        _, bwd = gc.record_launches([case])
+        want = tiles["bwd_at"].get(bucket, (min(tiles["bwd"][0], bucket), tiles["bwd"][1]))
+        assert (bwd.kwargs["BLOCK"], gc.expand(bwd)[0][2]) == want
+
+
+def test_ci_compiles_the_fixed_paths_at_every_bucket():
+    cases = gc.attention_cases(full=False)
+    fixed = {(c["dtype"], c["head_dim"], c["bucket"]) for c in cases if not c["autotune"]}
+    assert {b for _, _, b in fixed} == {16, 32, 64, 128}
+    assert {c["bucket"] for c in cases if c["autotune"]} == {128}
+
+
 def test_tiles_follow_the_precision_class():
     assert at._precision_class(torch.bfloat16) == at._precision_class(torch.float16) == "lowp"
     before = torch.get_float32_matmul_precision()

@@ -97,21 +97,27 @@ def _precision_class(dtype: torch.dtype) -> str:
 
 # Tiles per (precision class, head dim), chosen from the GPU compile check (docs/design.md, "GPU
 # compile check") under Triton 3.6 and 3.9: the fixed configs spill no registers on sm_80 and
-# sm_90 and the autotune candidates at most 512 bytes, all within both targets' shared memory. Forward: BLOCK_N keys per
-# pass (the whole sequence up to that), then (BLOCK_M, num_warps); backward: (BLOCK, num_warps).
+# sm_90 and the autotune candidates at most 512 bytes, all within both targets' shared memory.
+# Forward: BLOCK_N keys per pass (the whole sequence up to that), then (BLOCK_M, num_warps);
+# backward: (BLOCK, num_warps). A shorter length bucket shrinks the fixed tile to fit; where
+# that shrunk tile spills, `fwd_at` / `bwd_at` give the bucket a tile of its own.
 _TILES = {
     ("lowp", 32): dict(block_n=128, fwd=(16, 4), fwd_tune=((16, 4), (16, 8), (32, 8), (64, 8)),
                        bwd=(32, 8), bwd_tune=((32, 4), (32, 8), (64, 8))),
     ("lowp", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8)),
-                       bwd=(32, 8), bwd_tune=((16, 4), (32, 8))),
+                       bwd=(32, 8), bwd_tune=((16, 4), (32, 8)),
+                       fwd_at={64: (32, 8)}, bwd_at={16: (16, 4)}),
     ("tf32", 32): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8), (64, 8)),
                        bwd=(32, 8), bwd_tune=((16, 8), (32, 4), (32, 8), (64, 8))),
     ("tf32", 64): dict(block_n=128, fwd=(32, 8), fwd_tune=((16, 8), (32, 8), (64, 8)),
-                       bwd=(32, 8), bwd_tune=((16, 8), (32, 4), (32, 8))),
+                       bwd=(32, 8), bwd_tune=((16, 8), (32, 4), (32, 8)),
+                       fwd_at={32: (16, 8)}),
     ("ieee", 32): dict(block_n=128, fwd=(32, 8), fwd_tune=((16, 8), (32, 8)),
-                       bwd=(16, 8), bwd_tune=((16, 8), (32, 4), (32, 8))),
+                       bwd=(16, 8), bwd_tune=((16, 8), (32, 4), (32, 8)),
+                       fwd_at={32: (32, 4)}),
     ("ieee", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8),),
-                       bwd=(16, 4), bwd_tune=((16, 4), (16, 8), (32, 8))),
+                       bwd=(16, 4), bwd_tune=((16, 4), (16, 8), (32, 8)),
+                       fwd_at={16: (16, 4), 32: (16, 4)}),
 }
 
 
@@ -126,6 +132,13 @@ def _block_n(bucket: int, head_dim: int, dtype: torch.dtype) -> int:
 def _fit(block: int, bucket: int) -> int:
     """A tile no taller than the bucket (a shorter bucket has less to cover)."""
     return min(block, max(16, bucket))
+
+
+def _fixed(kind: str, dtype: torch.dtype, head_dim: int, bucket: int) -> tuple[int, int]:
+    """(rows per program, num_warps) of the launch path without autotuning; kind 'fwd' or 'bwd'."""
+    tiles = _tiles(dtype, head_dim)
+    block, warps = tiles.get(f"{kind}_at", {}).get(bucket, tiles[kind])
+    return _fit(block, bucket), warps
 
 
 if TRITON_ERROR is None:
@@ -413,8 +426,7 @@ if TRITON_ERROR is None:
             wrap_triton(_attn_fwd_tuned)[grid](*args, **meta,
                                                BLOCK_N=_block_n(bucket, dim, q.dtype))
         else:  # the fixed config of this precision class and head dim
-            bm, warps = _tiles(q.dtype, dim)["fwd"]
-            bm = _fit(bm, bucket)
+            bm, warps = _fixed("fwd", q.dtype, dim, bucket)
             wrap_triton(_attn_fwd_kernel)[(triton.cdiv(rows, bm), n_seq * heads)](
                 *args, **meta, BLOCK_M=bm, BLOCK_N=_block_n(bucket, dim, q.dtype),
                 num_warps=warps, num_stages=2)
@@ -457,8 +469,7 @@ if TRITON_ERROR is None:
             grid = lambda META: (triton.cdiv(rows, META["BLOCK"]), n_seq * heads)  # noqa: E731
             wrap_triton(_attn_bwd_tuned)[grid](*args, **meta)
         else:  # the fixed config of this precision class and head dim
-            blk, warps = _tiles(q.dtype, dim)["bwd"]
-            blk = _fit(blk, bucket)
+            blk, warps = _fixed("bwd", q.dtype, dim, bucket)
             wrap_triton(_attn_bwd_kernel)[(triton.cdiv(rows, blk), n_seq * heads)](
                 *args, **meta, BLOCK=blk, num_warps=warps, num_stages=1)
         return dq, dk, dv
