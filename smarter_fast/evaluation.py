@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .data.batching import pad_batch
-from .data.cs224n import load_cs224n
+from .data.cs224n import load_cs224n, read_task_file
 from .data.tokenize import encode_pairs, encode_sentences
 from . import tasks as registry
 from .report import atomic_write_json, atomic_write_text, plot_confusion_matrix
@@ -184,10 +184,27 @@ def model_outputs(model, data: EncodedTask, batch_size: int = 64, device="cpu",
     return (out, out) if orders else out
 
 
-def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap, shard=None) -> np.ndarray:
+def sentence_embeddings(model, data: EncodedTask, batch_size: int = 64, device="cpu",
+                        autocast_dtype=None) -> np.ndarray:
+    """(N, H) pooled vectors (model.sentence_embedding) of single-sentence examples, in example
+    order, from the same length-sorted batches as model_outputs."""
+    if data.is_pair:
+        raise ValueError(f"sentence embeddings are of single sentences; {data.task} holds pairs")
+    if isinstance(model, Ensemble):
+        raise ValueError("an ensemble has one embedding per member; embed with one checkpoint")
+    if not len(data):
+        return np.zeros((0, model.config.hidden_size), dtype=np.float32)
+    return _outputs(model, data, batch_size, device, autocast_dtype, None,
+                    forward=lambda ids, mask, _: model.sentence_embedding(ids, mask))
+
+
+def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap, shard=None,
+             forward=None) -> np.ndarray:
     """shard: an object with rank(), world() and all_gather_object(obj) (the training
     application's `distributed` module under torchrun): this process runs every world()-th batch
-    and the outputs are gathered (the same batches as in one process, so the same outputs)."""
+    and the outputs are gathered (the same batches as in one process, so the same outputs).
+    forward(input_ids, attention_mask, token_type_ids): what to compute per batch (default: the
+    task's head output)."""
     was_training = model.training
     model.eval()
     order = np.argsort(data.lengths, kind="stable")
@@ -204,7 +221,9 @@ def _outputs(model, data: EncodedTask, batch_size, device, autocast_dtype, swap,
                 type_ids = b["token_type_ids"].to(device) if data.is_pair else None
                 with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype or torch.bfloat16,
                                     enabled=autocast_dtype is not None):
-                    y = model(spec.head, b["input_ids"].to(device), b["attention_mask"].to(device), type_ids)
+                    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+                    y = (forward(ids, mask, type_ids) if forward is not None
+                         else model(spec.head, ids, mask, type_ids))
                 y = y.float().cpu().numpy()
                 for k, i in enumerate(idx):
                     outs[i] = y[k]
@@ -314,8 +333,13 @@ def format_value(task: str, value) -> str:
 
 def write_predictions(out_dir, task: str, split: str, example_ids, preds) -> Path:
     """Writes `{sst|para|sts}-{dev|test}-output.csv` in the leaderboard format."""
+    return write_prediction_file(Path(out_dir) / registry.task(task).prediction_file(split), task,
+                                 example_ids, preds)
+
+
+def write_prediction_file(path, task: str, example_ids, preds) -> Path:
+    """A leaderboard-format file: a header `id \t <the task's column>`, then `id , value` rows."""
     spec = registry.task(task)
-    path = Path(out_dir) / spec.prediction_file(split)
     lines = [f"id \t {spec.prediction_header} "]
     lines += [f"{i} , {format_value(task, v)} " for i, v in zip(example_ids, preds)]
     return atomic_write_text(path, "\n".join(lines) + "\n")
@@ -325,6 +349,35 @@ def read_predictions(path) -> dict[str, str]:
     """{id: value string} from a prediction file (for tests and checks)."""
     rows = Path(path).read_text().splitlines()
     return {k.strip(): v.strip() for k, v in (r.split(",", 1) for r in rows[1:] if r.strip())}
+
+
+def evaluate_file(model, tokenizer, task: str, path, out_dir, batch_size: int = 64, device="cpu",
+                  autocast_dtype=None) -> tuple[dict, list[Path]]:
+    """One CS224N-format file of `task` -> (metrics, files written). Metrics (the task's metric,
+    a classification task's macro-F1, a symmetric model's given-order metric) when the file has
+    labels, then out_dir/<stem>-metrics.json; always the prediction file, in out_dir/predictions,
+    named as the leaderboard's for a CS224N dev or test-student file, else <stem>-output.csv."""
+    spec = registry.task(task)
+    examples, _ = read_task_file(path, task)  # labels where the header has the column
+    data = EncodedTask(task, examples, tokenizer, getattr(model, "pair_features", "cross"),
+                       _symmetric(model))
+    outputs, given = model_outputs(model, data, batch_size, device, autocast_dtype, orders=True)
+    preds = predictions_from_outputs(task, outputs)
+    path, out_dir = Path(path), Path(out_dir)
+    split = next((s for s in ("dev", "test") if path.name == spec.file_name(s)), None)
+    target = out_dir / "predictions" / (spec.prediction_file(split) if split else f"{path.stem}-output.csv")
+    written = [write_prediction_file(target, task, data.example_ids, preds)]
+    metrics = {}
+    if data.labels is not None:
+        score = METRIC_FUNCTIONS[spec.metric]
+        metrics[spec.metric_key] = score(preds, data.labels)
+        if spec.kind == "classification":
+            metrics[f"{spec.name}_macro_f1"] = macro_f1(preds, data.labels, spec.num_outputs)
+        if _symmetric(model) and spec.is_pair:
+            metrics[f"{spec.metric_key}_given_order"] = score(predictions_from_outputs(task, given),
+                                                              data.labels)
+        written.append(atomic_write_json(out_dir / f"{path.stem}-metrics.json", metrics))
+    return metrics, written
 
 
 def write_evaluation(model, tokenizer, data_dir, out_dir, batch_size: int = 64, device="cpu",

@@ -1,4 +1,5 @@
-"""`--precision auto`: bf16 autocast only where the hardware runs bf16 matmuls natively.
+"""`--device` and `--precision`: which device `auto` means, and bf16 autocast only where the
+hardware runs bf16 matmuls natively.
 
 bf16 pays on GPUs with bf16 support and on CPUs with AVX512-BF16 or AMX. Without them oneDNN
 has no bf16 kernel and torch falls back to scalar code, an order of magnitude slower than fp32
@@ -11,6 +12,23 @@ from __future__ import annotations
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(requested: str | torch.device | None) -> torch.device:
+    """`auto` (or None): the GPU when torch sees one, else the CPU. `cuda` without a visible GPU
+    is an error that says why, rather than a failure deep inside the first kernel."""
+    name = "auto" if requested is None else str(requested)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = name.split(":")[0]
+    if kind not in DEVICES[1:]:
+        raise ValueError(f"unknown device {name!r}; expected one of {', '.join(DEVICES)}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"device {name!r}: no CUDA GPU is visible (torch {torch.__version__} is "
+                         f"{build}); use --device cpu")
+    return torch.device(name)
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
@@ -45,4 +63,4 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str | 
     return "bf16", None if ok else f"warning: --precision bf16 on {device.type}: {why}; --precision fp32 is faster here"
 
 
-__all__ = ["PRECISIONS", "native_bf16", "resolve_precision"]
+__all__ = ["DEVICES", "PRECISIONS", "native_bf16", "resolve_device", "resolve_precision"]

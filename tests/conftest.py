@@ -46,3 +46,28 @@ def make_tiny_run(tmp_path_factory):
         return ckpt, write_demo_data(root / "data", sizes=sizes)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_head_checkpoint(tmp_path_factory):
+    """Call with (encoder checkpoint dir, pooling, pair_features, pair_order, seed=0): a saved
+    MultitaskBert over that encoder with random, far-from-zero heads and pooler (a random tiny
+    encoder pools every row alike), so that outputs differ from row to row."""
+    import torch
+
+    from smarter_fast import tasks as registry
+    from smarter_fast.model import MultitaskBert
+
+    def make(encoder_dir, pooling, pair_features, pair_order, seed=0):
+        torch.manual_seed(seed)
+        model = MultitaskBert.from_pretrained(encoder_dir, pooling=pooling,
+                                              pair_features=pair_features, pair_order=pair_order)
+        with torch.no_grad():
+            model.bert.pooler.weight.normal_(0, 1.0)
+            for t in registry.TASKS:
+                getattr(model, t.head).weight.normal_(0, 2.0)
+                getattr(model, t.head).bias.normal_(0, 0.5)
+        out = tmp_path_factory.mktemp(f"heads_{pooling}_{pair_features}_{pair_order}_{seed}")
+        return model.save_pretrained(out, vocab_file=Path(encoder_dir) / "vocab.txt")
+
+    return make

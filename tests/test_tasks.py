@@ -55,6 +55,9 @@ def test_each_task_is_consistent(t):
     if t.kind == "regression":
         assert t.metric == "pearson"
     assert t.file_name("dev") == t.file_pattern.format("dev") != t.file_pattern
+    # a name per label value: 0..n-1 classes, 0/1 for binary, none for a score
+    n_labels = {"classification": t.num_outputs, "binary": 2, "regression": 0}[t.kind]
+    assert len(t.label_names) == len(set(t.label_names)) == n_labels
 
 
 def test_an_unknown_task_names_the_known_ones():

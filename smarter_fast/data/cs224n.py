@@ -95,8 +95,9 @@ def _number(text: str, column: str) -> float:
     return value
 
 
-def _row_problem(row: dict, text_columns, label_column) -> tuple[str, str] | None:
-    """(field, reason) for the first problem in a DictReader row, or None when the row is well formed."""
+def row_problem(row: dict, text_columns, label_column, id_column: str | None = "id") -> tuple[str, str] | None:
+    """(field, reason) for the first problem in a DictReader row, or None when the row is well
+    formed. id_column None: the file has no id column."""
     fields = [(column or "(index)", value) for column, value in row.items() if column is not None and value is not None]
     for column, value in fields:
         # No CS224N text spans lines: a line break inside a field means an open quote swallowed rows.
@@ -111,7 +112,7 @@ def _row_problem(row: dict, text_columns, label_column) -> tuple[str, str] | Non
         # Undecodable bytes arrive as lone surrogates (errors='surrogateescape').
         if any("\udc80" <= ch <= "\udcff" for ch in value):
             return column, "invalid UTF-8"
-    for column in ("id", *text_columns):
+    for column in ((id_column,) if id_column else ()) + tuple(text_columns):
         if not row[column].strip():
             return column, f"empty {column}"
     if label_column and not row[label_column].strip():
@@ -160,7 +161,7 @@ def read_task_file(path, task: str, labeled: bool | None = None, strict: bool = 
                 raise DataError(f"{path}: line {reader.line_num}: unreadable CSV: {e}") from None
             report.rows_read += 1
             line = reader.line_num
-            problem = _row_problem(row, text_columns, label_column)
+            problem = row_problem(row, text_columns, label_column)
             label = None
             if problem is None and label_column:
                 try:

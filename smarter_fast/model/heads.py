@@ -224,6 +224,16 @@ class MultitaskBert(nn.Module):
         E = self.bert.embed(input_ids, token_type_ids, position_ids)
         return self.heads_from_embeddings(task, E, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
+    def sentence_embedding(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, L) single sentences -> (B, H): the pooled vector the heads see (before their
+        dropout), not normalised. What `smarter_fast.load(...).embed` returns."""
+        E = self.bert.embed(input_ids)
+        out = self.bert.encode(E, attention_mask,
+                               cls_only=self.pooling == "cls" and self.cls_only_last_layer)
+        return self.pool(out, attention_mask)
+
+    # On token tensors, one pair order: smarter_fast.load(...) predicts on text and averages both
+    # orders for a model trained with pair_order "symmetric".
     def predict_sentiment(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, L) single sentences -> (B, 5) logits over the SST classes."""
         return self(registry.SST.head, input_ids, attention_mask)
