@@ -208,15 +208,16 @@ def _staged(out: Path):
     absent or empty: an export never mixes with older files)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty directory; choose a new output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    final = out.resolve()  # "." or "a/.." name no sibling
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        if final.exists():
+            final.rmdir()
+        os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -378,27 +379,29 @@ def model_card(model: MultitaskBert, source: Path, kind: str, max_length: int, p
     metrics and training configuration found beside the checkpoint, the options, how to load it."""
     options, args = options_of(model), _training_args(source)
     if kind == TRANSFORMERS and task is not None:
-        title, tasks = f"{task.title} head", [task]
+        title, tasks, intro = f"{task.title} head", [task], "This directory computes:"
         what = (f"BertForSequenceClassification computing the {task.title} head ({task.head}) of the "
                 f"checkpoint exactly (fp32, eval mode): encoder, BERT pooler, classifier.")
     elif kind == TRANSFORMERS:
-        title, tasks = "encoder", []
+        title, tasks, intro = "encoder", [], "The checkpoint's heads (none is in this directory):"
         what = ("The shared BERT encoder alone (BertModel). The heads below were not exported, "
                 "because BertForSequenceClassification does not compute them exactly:\n\n"
                 + "\n".join(f"- {name}: {why}" for name, why in refused.items()))
     else:
         title, tasks = "sentence-transformers", [task] if task else []
+        intro = ("encode() returns the outputs of:" if task else
+                 "The checkpoint's heads (not in this directory; they read the vector encode() returns):")
         what = (f"A sentence-transformers model whose encode() gives our {options['pooling']}-pooled "
                 f"sentence vector (not normalised)"
                 + (f", followed by the {task.title} head, so encode() returns its logits." if task else "."))
+    pairs = (["", "Pairs are encoded as `[CLS] s1 [SEP] s2 [SEP]` (token types 0 / 1), as the "
+                  "tokenizer encodes a text pair."] if any(t.is_pair for t in tasks) else [])
     metrics, base = dev_metrics(source), (args or {}).get("pretrained", "not recorded")
     lines = ["---", f"library_name: {kind}", "tags:", "- smarter_fast", "- bert", "---", "",
              f"# smarter_fast MultitaskBert: {title}", "",
              f"Exported by `python -m smarter_fast.export` from the checkpoint `{source}`. {what}", "",
-             "## Tasks of the checkpoint", "", *_task_rows(tasks or registry.TASKS), "",
-             "Pairs are encoded as `[CLS] s1 [SEP] s2 [SEP]` (token types 0 / 1), as the tokenizer "
-             "encodes a text pair." if any(t.is_pair for t in tasks) else "",
-             "", "## Dev metrics", ""]
+             "## Tasks", "", intro, "", *_task_rows(tasks or registry.TASKS), *pairs, "",
+             "## Dev metrics of the checkpoint", ""]
     if metrics:
         lines += [f"From {metrics[1]}:", "", "| " + " | ".join(metrics[0]) + " |",
                   "|" + "---|" * len(metrics[0]), "| " + " | ".join(_fmt(v) for v in metrics[0].values()) + " |"]
