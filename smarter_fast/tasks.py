@@ -63,6 +63,7 @@ class Task:
     metric_key: str                 # its key in metrics.jsonl / dev_metrics.json
     prediction_prefix: str          # leaderboard file {prefix}-{dev|test}-output.csv
     prediction_header: str          # that file's value column, spelled as the leaderboard expects
+    output_names: tuple[str, ...]   # one per output, for people and exported model configs
     label_names: tuple[str, ...] = ()  # for people, by label value (classification and binary)
 
     @property
@@ -87,18 +88,20 @@ SST = Task(name="sst", title="SST", head="sentiment", num_outputs=5, is_pair=Fal
            kind="classification", file_pattern="ids-sst-{}.csv", text_columns=("sentence",),
            label_column="sentiment", label_range=(0.0, 4.0), loss=sst_loss, metric="accuracy",
            metric_key="sst_acc", prediction_prefix="sst", prediction_header="Predicted_Sentiment",
+           output_names=("very negative", "negative", "neutral", "positive", "very positive"),
            label_names=("very negative", "negative", "neutral", "positive", "very positive"))
 QUORA = Task(name="quora", title="Quora", head="paraphrase", num_outputs=1, is_pair=True,
              kind="binary", file_pattern="quora-{}.csv", text_columns=("sentence1", "sentence2"),
              label_column="is_duplicate", label_range=(0.0, 1.0), loss=quora_loss, metric="accuracy",
              metric_key="quora_acc", prediction_prefix="para",
-             prediction_header="Predicted_Is_Paraphrase",
+             prediction_header="Predicted_Is_Paraphrase", output_names=("is paraphrase",),
              label_names=("not a paraphrase", "paraphrase"))
 STS = Task(name="sts", title="STS", head="similarity", num_outputs=1, is_pair=True,
            kind="regression", file_pattern="sts-{}.csv", text_columns=("sentence1", "sentence2"),
            label_column="similarity", label_range=(0.0, 5.0), loss=sts_loss, metric="pearson",
            metric_key="sts_pearson", prediction_prefix="sts",
-           prediction_header="Predicted_Similiary")  # sic: the leaderboard's spelling
+           prediction_header="Predicted_Similiary",  # sic: the leaderboard's spelling
+           output_names=("similarity",))
 
 # The canonical order: data loading, schedules (baseline runs SST, then Quora, then STS), the
 # metrics and the printed lines all follow it.

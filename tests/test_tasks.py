@@ -45,6 +45,7 @@ def test_the_file_formats_and_checkpoint_names_are_the_published_ones():
 def test_each_task_is_consistent(t):
     assert t.kind in tasks.KINDS and t.metric in tasks.METRICS
     assert len(t.text_columns) == (2 if t.is_pair else 1)
+    assert len(t.output_names) == t.num_outputs and len(set(t.output_names)) == t.num_outputs
     low, high = t.label_range
     if t.kind == "classification":  # one logit per class 0..n-1
         assert (low, high) == (0, t.num_outputs - 1) and t.metric == "accuracy"

@@ -37,6 +37,20 @@ def _read_config(directory: Path) -> dict:
         return json.load(f)
 
 
+def tokenizer_options(directory, lowercase: bool | None = None) -> dict:
+    """The normalisation load_tokenizer applies for `directory`: {"do_lower_case", "strip_accents",
+    "tokenize_chinese_chars"}, read from its tokenizer_config.json as documented there (an
+    exported tokenizer_config.json states them so that transformers tokenizes the same way)."""
+    config = _read_config(Path(directory))
+    if lowercase is None:
+        lowercase = bool(config.get("do_lower_case", True))
+    strip_accents = config.get("strip_accents")
+    if strip_accents is None:  # as in the original BERT: strip accents when lowercasing
+        strip_accents = lowercase
+    return {"do_lower_case": lowercase, "strip_accents": bool(strip_accents),
+            "tokenize_chinese_chars": bool(config.get("tokenize_chinese_chars", True))}
+
+
 def load_tokenizer(path=None, max_length: int = 128, lowercase: bool | None = None) -> Tokenizer:
     """Returns a `tokenizers.Tokenizer` for the BERT checkpoint directory `path` (None: the default one).
 
@@ -49,12 +63,7 @@ def load_tokenizer(path=None, max_length: int = 128, lowercase: bool | None = No
     vocab_path = directory / "vocab.txt"
     if not vocab_path.is_file():
         raise FileNotFoundError(f"tokenizer vocabulary not found: {vocab_path} (expected a BERT vocab.txt)")
-    config = _read_config(directory)
-    if lowercase is None:
-        lowercase = bool(config.get("do_lower_case", True))
-    strip_accents = config.get("strip_accents")
-    if strip_accents is None:  # as in the original BERT: strip accents when lowercasing
-        strip_accents = lowercase
+    options = tokenizer_options(directory, lowercase)
 
     vocab = WordPiece.read_file(str(vocab_path))
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
@@ -64,9 +73,9 @@ def load_tokenizer(path=None, max_length: int = 128, lowercase: bool | None = No
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True,
-        handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
-        strip_accents=bool(strip_accents),
-        lowercase=lowercase,
+        handle_chinese_chars=options["tokenize_chinese_chars"],
+        strip_accents=options["strip_accents"],
+        lowercase=options["do_lower_case"],
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(

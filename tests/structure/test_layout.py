@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "smarter_fast"
 MAX_FUNCTION_LINES = 80
 # the training engine and the command-line tools (python -m smarter_fast.<command>)
-COMMANDS = ("train", "evaluate", "predict", "ablate", "info", "build", "selfcheck")
+COMMANDS = ("train", "evaluate", "predict", "export", "ablate", "info", "build", "selfcheck")
 SHORT_FUNCTION_FILES = sorted(PACKAGE.glob("training/*.py")) + [
     PACKAGE / f"{name}.py" for name in COMMANDS]
 MAX_COMMAND_LINES = 330  # a command parses arguments and calls the library (train: ~50 flags)

@@ -188,6 +188,36 @@ def test_the_checkpointer_saves_any_registered_component(tiny, tmp_path):
     assert new.n == 0
 
 
+@pytest.mark.parametrize("extra", [(), ("--ema", "0.5")], ids=["copied-best", "ema-best"])
+def test_every_checkpoint_holds_its_sentence_transformers_modules(tiny, tmp_path, extra):
+    """modules.json and the module folders are written into the temporary directory and so end up
+    inside checkpoints/last and checkpoints/best (copied from last, or saved from the --ema
+    average), truncating at the run's --max-length; nothing temporary is left."""
+    out = tmp_path / "run"
+    assert main(argv(tiny, out, "--pooling", "cls", "--backend", "ref", *extra)) == 0
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "last"]
+    for name in ("best", "last"):
+        d = ck / name
+        assert [m["path"] for m in json.loads((d / "modules.json").read_text())] == ["", "1_Pooling", "2_Dense"]
+        assert json.loads((d / "sentence_bert_config.json").read_text())["max_seq_length"] == 48
+        assert (d / "1_Pooling" / "config.json").is_file() and (d / "2_Dense" / "config.json").is_file()
+        from safetensors.torch import load_file
+        dense, weights = load_file(str(d / "2_Dense" / "model.safetensors")), load_file(str(d / "model.safetensors"))
+        assert torch.equal(dense["linear.weight"], weights["bert.pooler.dense.weight"])
+
+
+def test_copy_checkpoint_copies_module_folders(tmp_path):
+    from smarter_fast.training.checkpoint import copy_checkpoint
+    src = tmp_path / "last"
+    (src / "2_Dense").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "2_Dense" / "config.json").write_text("dense")
+    copy_checkpoint(src, tmp_path / "best")
+    assert (tmp_path / "best" / "2_Dense" / "config.json").read_text() == "dense"
+    assert (tmp_path / "best" / "config.json").read_text() == "{}"
+
+
 def test_a_checkpoint_of_the_previous_format_is_refused_with_a_reason(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(argv(tiny, out)) == 0
