@@ -29,8 +29,8 @@ from .data.tokenize import load_tokenizer
 from .evaluation import (EncodedTask, Ensemble, model_outputs, predictions_from_outputs,
                          sentence_embeddings)
 from .model import MultitaskBert
-from .model.checkpoint import default_checkpoint_dir
-from .model.export import DEFAULT_MAX_LENGTH, training_max_length
+from .model.checkpoint import DEFAULT_MAX_LENGTH, default_checkpoint_dir
+from .model.export import training_max_length
 from .precision import resolve_device, resolve_precision
 
 log = logging.getLogger("smarter_fast")

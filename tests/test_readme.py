@@ -17,11 +17,12 @@ SIZES = {"sst": {"train": 3, "dev": 9, "test-student": 3},
          "sts": {"train": 3, "dev": 11, "test-student": 3}}
 
 
-def blocks(language: str) -> list[str]:
+def blocks() -> list[tuple[str, str]]:
+    """(language, code) of every python and bash block of the section, in order."""
     text = (REPO / "README.md").read_text()
     assert SECTION in text, f"README.md lost its section {SECTION!r}"
     body = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", body, flags=re.S)
+    return re.findall(r"```(python|bash)\n(.*?)```", body, flags=re.S)
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +41,15 @@ def run(args, cwd):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_the_section_has_examples():
-    assert len(blocks("python")) >= 1 and len(blocks("bash")) >= 1
-
-
-@pytest.mark.parametrize("i", range(len(blocks("python"))))
-def test_python_example_runs(workdir, i):
-    r = run([sys.executable, "-c", blocks("python")[i]], workdir)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip()
-
-
-@pytest.mark.parametrize("i", range(len(blocks("bash"))))
-def test_shell_example_runs(workdir, i):
-    script = blocks("bash")[i].replace("python -m", f"{sys.executable} -m")
-    r = run(["bash", "-euo", "pipefail", "-c", script], workdir)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.strip()
+def test_the_examples_run_in_order(workdir):
+    """Later blocks use what earlier ones wrote (the exports), so they run in order."""
+    examples = blocks()
+    assert {lang for lang, _ in examples} == {"python", "bash"}
+    for n, (lang, code) in enumerate(examples, start=1):
+        if lang == "python":
+            r = run([sys.executable, "-c", code], workdir)
+        else:
+            r = run(["bash", "-euo", "pipefail", "-c", code.replace("python -m", f"{sys.executable} -m")],
+                    workdir)
+        assert r.returncode == 0, f"block {n} ({lang}):\n{code}\n{r.stderr[-3000:]}"
+        assert r.stdout.strip(), f"block {n} ({lang}) printed nothing"

@@ -103,7 +103,8 @@ def _precision_class(dtype: torch.dtype) -> str:
 # that shrunk tile spills, `fwd_at` / `bwd_at` give the bucket a tile of its own.
 _TILES = {
     ("lowp", 32): dict(block_n=128, fwd=(16, 4), fwd_tune=((16, 4), (16, 8), (32, 8), (64, 8)),
-                       bwd=(32, 8), bwd_tune=((32, 4), (32, 8), (64, 8))),
+                       bwd=(32, 8), bwd_tune=((32, 4), (32, 8), (64, 8)),
+                       fwd_at={32: (32, 4)}),
     ("lowp", 64): dict(block_n=128, fwd=(16, 8), fwd_tune=((16, 8), (32, 8)),
                        bwd=(32, 8), bwd_tune=((16, 4), (32, 8)),
                        fwd_at={64: (32, 8)}, bwd_at={16: (16, 4)}),
