@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "required for several)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto: the GPU when torch sees one (default: auto)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: autocast; auto: bf16 where the device runs it natively (default: fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16: autocast; auto: bf16 where the device runs it natively (default: as "
+                        "the checkpoint was trained, from its trainer_state.json, so the outputs are "
+                        "the ones its run scored; fp32 where that was bf16 but the device lacks it)")
     p.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncation length (default: the training run's, from trainer_state.json, else 128)")

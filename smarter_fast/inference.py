@@ -16,6 +16,7 @@ The command line over this is `python -m smarter_fast.predict`.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -182,14 +183,41 @@ def _pairs(pairs) -> list[tuple[str, str]]:
     return out
 
 
-def load(checkpoint=None, *, device: str | torch.device | None = "auto", precision: str = "fp32",
+def training_precision(checkpoint) -> str:
+    """The precision a checkpoint's run trained (and evaluated) in, from its trainer_state.json:
+    'bf16' or 'fp32' (also for a checkpoint without one)."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        return "bf16" if state["args"]["precision"] == "bf16" else "fp32"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "fp32"
+
+
+def choose_precision(requested: str | None, checkpoints, device: torch.device) -> tuple[str, str | None]:
+    """(precision, message). None: as the (first) checkpoint was trained, so that its outputs are
+    the ones its training run scored; a bf16 run on a device without native bf16 falls back to
+    fp32 (the scalar bf16 path is many times slower), said in the message."""
+    if requested is not None:
+        return resolve_precision(requested, device)
+    trained = training_precision(checkpoints[0]) if checkpoints else "fp32"
+    if trained == "fp32":
+        return "fp32", None
+    chosen, why = resolve_precision("auto", device)
+    if chosen == "bf16":
+        return "bf16", "precision bf16, as the checkpoint was trained"
+    return "fp32", (f"warning: precision fp32: the checkpoint was trained in bf16, but {why.split(': ', 1)[-1]}; "
+                    "outputs differ slightly from the training run's")
+
+
+def load(checkpoint=None, *, device: str | torch.device | None = "auto", precision: str | None = None,
          backend: str = "auto", batch_size: int = 64, max_length: int | None = None) -> Predictor:
     """A Predictor for a checkpoint directory (e.g. RUN/checkpoints/best), a list of them (an
     ensemble: raw outputs averaged; they must share pair_features and pair_order), or None: the
     embedded encoder with untrained heads (said as a warning; `embed` is meaningful there).
 
     device: 'auto' (the GPU when torch sees one), 'cpu' or 'cuda'. precision: 'fp32', 'bf16'
-    (autocast) or 'auto' (bf16 where the device runs it natively). max_length: truncation
+    (autocast), 'auto' (bf16 where the device runs it natively) or None: as the checkpoint was
+    trained (its trainer_state.json), so the outputs are the ones its run scored. max_length: truncation
     (default: the first checkpoint's training run's, else 128)."""
     paths = [] if checkpoint is None else \
         [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
@@ -198,9 +226,11 @@ def load(checkpoint=None, *, device: str | torch.device | None = "auto", precisi
         if not p.is_dir():
             raise FileNotFoundError(f"checkpoint directory {p} not found")
     device = resolve_device(device)
-    precision, message = resolve_precision(precision, device)
+    precision, message = choose_precision(precision, paths, device)
     if message and message.startswith("warning"):
         log.warning(message)
+    elif message:
+        log.info(message)
     if max_length is None:
         max_length = training_max_length(paths[0]) if paths else DEFAULT_MAX_LENGTH
     if not 8 <= max_length <= 512:  # as the trainer's

@@ -174,3 +174,23 @@ def test_the_package_exports_the_api_without_importing_torch_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Sentiment"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_defaults_to_the_training_runs(trained_like, tmp_path, monkeypatch, native):
+    import json
+    import shutil
+
+    from smarter_fast import precision
+    from smarter_fast.inference import choose_precision
+    monkeypatch.setattr(precision, "native_bf16", lambda device: (native, "a reason: the CPU lacks it"))
+    ckpt = tmp_path / "ck"
+    shutil.copytree(trained_like("cls", "cross", "given"), ckpt)
+    cpu = torch.device("cpu")
+    assert choose_precision(None, [ckpt], cpu) == ("fp32", None)  # no trainer_state.json
+    (ckpt / "trainer_state.json").write_text(json.dumps({"args": {"precision": "bf16"}}))
+    chosen, message = choose_precision(None, [ckpt], cpu)
+    assert chosen == ("bf16" if native else "fp32")
+    assert ("as the checkpoint was trained" in message) if native else message.startswith("warning:")
+    assert choose_precision("fp32", [ckpt], cpu) == ("fp32", None)  # an explicit choice wins
+    assert load(ckpt, device="cpu").precision == chosen
