@@ -31,7 +31,7 @@ from .evaluation import (EncodedTask, Ensemble, model_outputs, predictions_from_
                          sentence_embeddings)
 from .model import MultitaskBert
 from .model.checkpoint import DEFAULT_MAX_LENGTH, default_checkpoint_dir
-from .model.export import training_max_length
+from .model.export import missing_heads, training_max_length
 from .precision import resolve_device, resolve_precision
 
 log = logging.getLogger("smarter_fast")
@@ -84,13 +84,7 @@ def as_record(result) -> dict:
 
 def has_task_heads(checkpoint) -> bool:
     """Whether a checkpoint directory holds trained task heads (saved by a MultitaskBert)."""
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-    return all(k in keys for t in registry.TASKS for k in t.head_tensors)
+    return not missing_heads(checkpoint)
 
 
 class Predictor:

@@ -62,6 +62,14 @@ def _tensor_names(file: Path) -> set:
     return set(read_weights(file.parent)[0])
 
 
+def missing_heads(directory) -> list[str]:
+    """The task-head tensors a checkpoint directory lacks (all of them when it has no weights)."""
+    d = Path(directory)
+    weights = [d / name for name in WEIGHT_FILES if (d / name).is_file()]
+    names = _tensor_names(weights[0]) if weights else set()
+    return [k for t in registry.TASKS for k in t.head_tensors if k not in names]
+
+
 def load_checkpoint(directory) -> MultitaskBert:
     """The MultitaskBert of a checkpoint directory, its task heads included; ExportError naming
     what is wrong when `directory` is not one."""
@@ -73,10 +81,9 @@ def load_checkpoint(directory) -> MultitaskBert:
     if not weights:
         raise ExportError(f"{d}: no {' or '.join(WEIGHT_FILES)}: not a model checkpoint")
     try:
-        names = _tensor_names(weights[0])
+        absent = missing_heads(d)
     except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip errors alike
         raise ExportError(f"{weights[0]}: cannot read the weights ({e})") from e
-    absent = [k for t in registry.TASKS for k in t.head_tensors if k not in names]
     if absent:
         raise ExportError(f"{d}: not a MultitaskBert checkpoint with task heads (lacks "
                           f"{', '.join(absent)}); export a checkpoint written by training, such "
@@ -423,5 +430,5 @@ def model_card(model: MultitaskBert, source: Path, kind: str, max_length: int, p
 __all__ = ["ENCODER_DIR", "ExportError", "ExportResult", "FORMATS", "PROBLEM_TYPES",
            "SENTENCE_TRANSFORMERS", "TRANSFORMERS", "dev_metrics", "export_sentence_transformers",
            "export_transformers", "load_checkpoint", "model_card", "options_of",
-           "sentence_transformers_refusal", "training_max_length", "transformers_refusals",
+           "missing_heads", "sentence_transformers_refusal", "training_max_length", "transformers_refusals",
            "write_tokenizer_files"]
