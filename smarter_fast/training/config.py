@@ -19,6 +19,8 @@ from ..regularizers.surgery import SURGERIES
 
 DEFAULT_EPOCHS = 10
 BACKENDS = ("auto", "ref", "cpp", "triton")
+DEVICES = ("auto", "cpu", "cuda")
+REPORT_TO = ("none", "csv", "tensorboard")
 MODEL_OPTIONS = ("pooling", "pair_features", "pair_order")
 
 
@@ -52,6 +54,13 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ensemble: int = 1
     ema: float = 0.0
+    encoder_dropout: float | None = None  # None: the checkpoint's hidden and attention dropout
+    # trainer knobs (off or neutral by default: the report's recipe is unchanged)
+    max_grad_norm: float | None = None  # None: no clipping
+    grad_accum_steps: int = 1
+    max_steps: int | None = None  # optimizer steps
+    eval_every: int | None = None  # optimizer steps; None: after every epoch only
+    report_to: str = "none"  # comma-separated REPORT_TO
     # SMART
     smart: str = "off"
     smart_sigma: float = 0.05
@@ -73,6 +82,7 @@ class TrainConfig:
     grad_surgery: str = "off"
     # run
     backend: str = "auto"
+    device: str = "auto"
     precision: str = "fp32"
     seed: int = 11711
     out: str | None = None
@@ -125,8 +135,23 @@ class TrainConfig:
              "--schedule annealed needs --epochs (the horizon of its annealing), also with --time-budget")
         need(self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}")
         need(self.max_length <= 512, f"--max-length must be <= 512 (BERT position embeddings), got {self.max_length}")
-        need(self.epochs is not None or self.time_budget is not None, "--epochs or --time-budget is needed")
+        need(self.epochs is not None or self.time_budget is not None or self.max_steps is not None,
+             "--epochs, --time-budget or --max-steps is needed")
+        need(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "--max-grad-norm must be > 0")
+        need(self.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {self.grad_accum_steps}")
+        need(self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1")
+        need(self.eval_every is None or self.eval_every >= 1, "--eval-every must be >= 1")
+        need(self.encoder_dropout is None or 0 <= self.encoder_dropout < 1, "--encoder-dropout must be in [0, 1)")
+        unknown = [k for k in self.report_targets() if k not in REPORT_TO]
+        need(not unknown, f"--report-to: unknown {', '.join(map(repr, unknown))}; expected a comma-separated "
+                          f"list of {', '.join(REPORT_TO[1:])}, or none")
         return self
+
+    def report_targets(self) -> tuple[str, ...]:
+        """The --report-to targets, `none` left out."""
+        names = [k.strip() for k in str(self.report_to).split(",") if k.strip()]
+        return tuple(dict.fromkeys(k for k in names if k != "none"))
 
     def warnings(self) -> list[str]:
         """Options that are set but have no effect with the others."""
@@ -146,4 +171,4 @@ class TrainConfig:
         return out
 
 
-__all__ = ["BACKENDS", "ConfigError", "DEFAULT_EPOCHS", "MODEL_OPTIONS", "TrainConfig"]
+__all__ = ["BACKENDS", "DEVICES", "REPORT_TO", "ConfigError", "DEFAULT_EPOCHS", "MODEL_OPTIONS", "TrainConfig"]

@@ -29,7 +29,7 @@ import torch
 from . import distributed
 from ..data.cs224n import DataError, find_data_files, load_cs224n
 from ..data.schedules import TASK_ORDER, Schedule, resolve_split_parts
-from ..precision import resolve_precision
+from ..precision import resolve_device, resolve_precision
 from .recipes import describe as describe_recipe
 from .recipes import format_settings
 from ..tasks import METRIC_KEYS, QUORA, SST
@@ -158,6 +158,8 @@ def model_options(config, resume_dir) -> dict:
 # ---- the run -------------------------------------------------------------------------------------
 def prepare(config: TrainConfig) -> RunSetup:
     """Process group, output directory, data directory, device, precision, seeds."""
+    from .tracking import require
+    require(config.report_targets())  # a missing package fails before any work
     device = distributed.init()  # torchrun: process group, this rank's device; None otherwise
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -188,7 +190,12 @@ def prepare(config: TrainConfig) -> RunSetup:
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         clean_temporaries(out_dir)
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is not None and config.device != "auto" and device.type != config.device:
+        raise UsageError(f"--device {config.device}: torchrun gave this process {device}")
+    try:
+        device = device or resolve_device(config.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     resolve_precision_of(config, device, distributed.is_main())
     if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError("--precision bf16: this GPU does not support bfloat16")
@@ -222,7 +229,8 @@ def load_data(config: TrainConfig, setup: RunSetup):
     sizes = {t: len(train_data[t]) for t in TASK_ORDER}
     parts = resolve_split_parts(config.split_parts, sizes[SST.name], sizes[QUORA.name])
     schedule = Schedule(config.schedule, {t: train_data[t].lengths for t in TASK_ORDER},
-                        config.batch_size * distributed.world(),  # global batch; each rank trains its shard
+                        # the global batch: each rank trains its shard, in micro-batches of --batch-size
+                        config.batch_size * config.grad_accum_steps * distributed.world(),
                         seed=config.seed, parts=parts, interleave=config.interleave, epochs=config.epochs or 1)
     part_note = f", {parts} parts" if config.schedule in ("split1", "split2") else ""
     per_epoch = schedule.epoch_counts(0)
@@ -255,6 +263,8 @@ def build_model(config: TrainConfig, device, resume_dir=None):
     try:
         model = MultitaskBert.from_pretrained(src, dropout=config.dropout, backend=config.backend,
                                               **{k: getattr(config, k) for k in MODEL_OPTIONS})
+        if config.encoder_dropout is not None:
+            model.bert.set_dropout(config.encoder_dropout)
     except Exception as e:  # corrupt or foreign checkpoint (safetensors, torch.load, shapes)
         if isinstance(e, (BackendUnavailableError, ModuleNotFoundError, MemoryError)):
             raise
@@ -305,7 +315,8 @@ def final_evaluation(trainer: Trainer, tokenizer, setup: RunSetup, last_epoch) -
     config, best_dir = trainer.config, trainer.ck_dir / "best"
     if not (best_dir / "model.safetensors").is_file():
         raise UsageError(f"no best checkpoint in {best_dir}")
-    if trainer.best_in_memory is not None and trainer.best_in_memory[0] == last_epoch:  # the last epoch was best
+    # the weights in memory are the best ones when no step was taken since the best evaluation
+    if trainer.best_in_memory is not None and trainer.best_in_memory[0] == trainer.progress.global_step:
         best_model = trainer.ema.model if trainer.ema is not None else trainer.model
         dev_result = trainer.best_in_memory[1]
     else:

@@ -3,9 +3,11 @@
     fit():  for each epoch:
                 begin   fresh epoch: reseed torch from (seed, epoch), zero the epoch's sums;
                         a resumed mid-epoch position keeps the restored RNG and sums
-                steps   TrainStep(item): gradients of the step shape, non-finite check, LR
-                        schedule, optimizer step, weight averages (SMART teacher, --ema)
-                        after each: progress, --save-every / stop request, time budget
+                steps   TrainStep(item): gradients of the step shape (micro-batches under
+                        --grad-accum-steps), non-finite check, clipping, LR schedule,
+                        optimizer step, weight averages (SMART teacher, --ema)
+                        after each: progress, step record (--report-to), --eval-every,
+                        --save-every / stop request, time budget, --max-steps
                 end     dev evaluation (sharded over ranks), metrics row, `last` checkpoint,
                         `best` (copy, or the EMA weights), plots
 
@@ -48,6 +50,8 @@ def build_lr_schedule(config, optimizer, n_steps_per_epoch) -> LRSchedule | None
     the optimizer steps of epoch e. Under --time-budget it follows the fraction spent."""
     c = config
     total = None if c.epochs is None else sum(n_steps_per_epoch(e) for e in range(c.epochs))
+    if c.max_steps is not None:  # training ends at whichever comes first
+        total = c.max_steps if total is None else min(total, c.max_steps)
     if c.time_budget is not None:
         warm, fraction = (c.warmup_steps or 0), (0.0 if c.warmup_steps is not None else c.warmup_ratio)
     else:
@@ -82,8 +86,10 @@ class Trainer:
         self.totals = EpochTotals(TASK_ORDER)
         self.forward = distributed.wrap(model, self.device)  # DDP under torchrun
         self.shape = self._step_shape()
+        self.tracker = None  # --report-to: opened by fit() (on the main process, with an out_dir)
         self.step = TrainStep(model, optimizer, self.shape, self.guard, self.lr,
-                              [a for a in (self.teacher, self.ema) if a is not None], self.stop, self.device)
+                              [a for a in (self.teacher, self.ema) if a is not None], self.stop, self.device,
+                              max_grad_norm=c.max_grad_norm, need_grad_norm=bool(c.report_targets()))
         states = {"schedule": ScheduleIdentity(schedule), "optimizer": optimizer, "progress": self.progress,
                   "record": self.record, "nonfinite": self.guard,
                   "lr_schedule": self.lr, "ema": self.ema, "smart_teacher": self.teacher,
@@ -92,17 +98,18 @@ class Trainer:
                                          rank_states={"rng": self.rng, "epoch_totals": self.totals},
                                          optional=("lr_schedule", "ema", "smart_teacher", "surgery"),
                                          max_seq_length=c.max_length)
-        self.best_in_memory = None  # (epoch, (metrics, dev predictions)) while the model is the best
+        self.best_in_memory = None  # (global step, (metrics, dev predictions)) while the model is the best
 
     def _step_shape(self):
         c, symmetric = self.config, self.config.pair_order == "symmetric"
         objective = build_objective(c, self.teacher)
         autocast = self.autocast_dtype is not None
+        micro = c.batch_size if c.grad_accum_steps > 1 else None  # the schedule's batches are K times larger
         if self.surgery is not None:
             return SurgerySteps(self.model, objective, self.device, self.schedule, self.train_data, c.seed,
-                                symmetric, self.surgery, autocast)
+                                symmetric, self.surgery, autocast, micro)
         return SingleTaskSteps(self.model, objective, self.device, self.schedule, self.train_data, c.seed,
-                               symmetric, autocast, self.forward)
+                               symmetric, autocast, self.forward, micro)
 
     def describe(self) -> str:
         """The options in effect beyond the plain recipe (one line, empty when none)."""
@@ -123,6 +130,17 @@ class Trainer:
             parts.append(f"gradient surgery {c.grad_surgery}")
         if self.ema is not None:
             parts.append(f"weight EMA decay {self.ema.decay:g} (evaluated and kept as best)")
+        if c.grad_accum_steps > 1:
+            parts.append(f"gradient accumulation {c.grad_accum_steps} x {c.batch_size} = batch "
+                         f"{c.grad_accum_steps * c.batch_size}{' per process' if distributed.world() > 1 else ''}")
+        if c.max_grad_norm is not None:
+            parts.append(f"gradient norm clipped to {c.max_grad_norm:g}")
+        if c.max_steps is not None:
+            parts.append(f"at most {c.max_steps} optimizer steps")
+        if c.eval_every is not None:
+            parts.append(f"dev evaluation every {c.eval_every} steps")
+        if c.report_targets():
+            parts.append(f"step records to {', '.join(c.report_targets())}")
         return "; ".join(parts)
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -172,22 +190,43 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> int | None:
-        """Train until --epochs or --time-budget ends it; returns the last epoch trained (1-based)."""
+        """Train until --epochs, --time-budget or --max-steps ends it; returns the last epoch
+        trained (1-based)."""
         c = self.config
         spent = self.record.train_seconds()  # on every rank (every rank keeps the rows)
         last_epoch = None
         epochs = range(self.progress.epoch, c.epochs) if c.epochs else itertools.count(self.progress.epoch)
-        for epoch in epochs:
-            clock = TrainingClock(c.time_budget, spent)
-            if clock.exhausted():
-                break  # resumed after the budget was spent
-            stats = self.train_epoch(epoch, clock)
-            spent += stats["train_seconds"]
-            last_epoch = epoch + 1
-            self.end_epoch(epoch, stats, clock)
-            if stats["budget_exhausted"]:
-                break
+        self._open_tracker()
+        try:
+            for epoch in epochs:
+                clock = TrainingClock(c.time_budget, spent)
+                if clock.exhausted() or self.steps_done():
+                    break  # resumed after the budget or the steps were spent
+                stats = self.train_epoch(epoch, clock)
+                spent += stats["train_seconds"]
+                last_epoch = epoch + 1
+                self.end_epoch(epoch, stats, clock)
+                if stats["budget_exhausted"] or self.steps_done():
+                    break
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
         return last_epoch
+
+    def steps_done(self) -> bool:
+        """--max-steps reached."""
+        return self.config.max_steps is not None and self.progress.global_step >= self.config.max_steps
+
+    def _open_tracker(self) -> None:
+        targets = self.config.report_targets()
+        if targets and self.out_dir is not None and distributed.is_main() and self.tracker is None:
+            from .tracking import Tracker, lr_group_names
+            resumed = self.progress.global_step if (self.progress.global_step or self.record.rows) else None
+            self.tracker = Tracker(self.out_dir, targets, lr_group_names(self.optimizer), resumed)
+
+    def applied_lr(self) -> float:
+        """The learning rate of the heads' parameter group (the last one: groups go by depth)."""
+        return float(self.optimizer.param_groups[-1]["lr"])
 
     def epoch_label(self, epoch: int) -> str:
         return f"{epoch + 1}/{self.config.epochs}" if self.config.epochs else f"{epoch + 1}"
@@ -217,6 +256,7 @@ class Trainer:
                 for position in range(start, len(items)):
                     gs = self.progress.global_step
                     where = f"epoch {label}, step {position + 1}/{len(items)} (global step {gs + 1}, {self.shape.where(items[position])})"
+                    t_step = time.perf_counter()
                     skip, result = self.step(items[position], gs, where,
                                              lambda: before + time.perf_counter() - t0, clock.progress)
                     if not skip:
@@ -224,9 +264,13 @@ class Trainer:
                     self.progress.global_step, self.progress.position = gs + 1, position + 1
                     totals.seconds = before + time.perf_counter() - t0
                     self._show(bar, result, running, totals.seconds)
+                    if self.tracker is not None:
+                        self._record_step(epoch, position + 1, len(items), result, skip,
+                                          time.perf_counter() - t_step)
+                    self._evaluate_mid_epoch(epoch, position + 1, len(items))
                     self._after_step(position + 1, len(items))
-                    if clock.agreed_exhausted(totals.seconds):
-                        exhausted = True
+                    if clock.agreed_exhausted(totals.seconds) or self.steps_done():
+                        exhausted = not self.steps_done()
                         break
         finally:
             bar.close()
@@ -239,6 +283,22 @@ class Trainer:
             running = value if running is None else 0.98 * running + 0.02 * value
         self.shape.applied(self.totals)
         return running
+
+    def _record_step(self, epoch, position, n_steps, result, skipped, seconds) -> None:
+        """One row of the step records (--report-to)."""
+        record = {"step": self.progress.global_step, "epoch": round(epoch + position / n_steps, 6),
+                  "task": "+".join(result.values), "grad_norm": self.step.grad_norm, "skipped": skipped,
+                  "examples_per_second": result.examples / seconds if seconds > 0 else None,
+                  "lr": self.applied_lr()}
+        for name, group in zip(self.tracker.lr_names, self.optimizer.param_groups):
+            record[name] = float(group["lr"])
+        terms = []
+        for task, (loss, _, term) in result.values.items():
+            record[f"loss_{task}"] = float(loss)
+            if term is not None:
+                terms.append(float(term))
+        record["smart_term"] = sum(terms) / len(terms) if terms else None
+        self.tracker.step(record)
 
     def _progress_bar(self, epoch, items, start):
         from tqdm import tqdm
@@ -291,29 +351,73 @@ class Trainer:
     def end_epoch(self, epoch: int, stats: dict, clock: TrainingClock) -> None:
         c, record = self.config, self.record
         metrics, dev_preds, eval_seconds = self.evaluate()
-        is_best = metrics["mean_score"] > record.best["mean_score"]
-        if is_best:
-            record.best = {"mean_score": metrics["mean_score"], "epoch": epoch + 1}
+        is_best = self._is_best(metrics, epoch)
         split = c.schedule in ("split1", "split2")
-        row = {"epoch": epoch + 1, **metrics, **stats, "eval_seconds": eval_seconds,
+        row = {"epoch": epoch + 1, **({"step": self.progress.global_step, "epoch_end": True} if c.eval_every else {}),
+               **metrics, **stats, "eval_seconds": eval_seconds,
                "global_step": self.progress.global_step,
-               "split_part": (epoch % self.schedule.parts) if split else None, "lr": c.lr, "smart": c.smart,
-               "synthetic_data": bool(self.tag), "best": is_best,
+               "split_part": (epoch % self.schedule.parts) if split else None, "lr": self.applied_lr(),
+               "smart": c.smart, "synthetic_data": bool(self.tag), "best": is_best,
                "train_minutes_total": (clock.spent_before + stats["train_seconds"]) / 60.0, **self.row_info}
         record.rows.append(row)
+        self._track_evaluation(row)
         self.progress.epoch, self.progress.position = epoch + 1, 0
         if self.out_dir is None:
             return
         self._write_rows()
         last = self.save("last")
+        self._keep_best(is_best, last, metrics, dev_preds)
+        if distributed.is_main():
+            self._report_epoch(epoch, row, stats, metrics, is_best)
+
+    def _is_best(self, metrics: dict, epoch: int) -> bool:
+        record = self.record
+        is_best = metrics["mean_score"] > record.best["mean_score"]
+        if is_best:
+            record.best = {"mean_score": metrics["mean_score"], "epoch": epoch + 1,
+                           **({"step": self.progress.global_step} if self.config.eval_every else {})}
+        return is_best
+
+    def _keep_best(self, is_best: bool, last, metrics, dev_preds) -> None:
+        """After `last` was saved: a new best becomes checkpoints/best (the EMA weights with --ema)."""
         if is_best and self.ema is not None:
             self.save("best", model=self.ema.model)
         elif is_best:
             if distributed.is_main():
                 copy_checkpoint(last, self.ck_dir / "best")
-            self.best_in_memory = (epoch + 1, (metrics, dev_preds))
+            self.best_in_memory = (self.progress.global_step, (metrics, dev_preds))
+
+    def _track_evaluation(self, row: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.evaluation({**row, "step": self.progress.global_step})
+
+    def _evaluate_mid_epoch(self, epoch: int, position: int, n_steps: int) -> None:
+        """--eval-every: a dev evaluation and a metrics row every N optimizer steps (the epoch's
+        last step is left to end_epoch); a new best is saved at once (`last`, then `best`)."""
+        c, gs = self.config, self.progress.global_step
+        if not c.eval_every or gs % c.eval_every or position >= n_steps or self.steps_done():
+            return
+        metrics, dev_preds, eval_seconds = self.evaluate()
+        self.model.train()
+        is_best = self._is_best(metrics, epoch)
+        t = self.totals.reduced()
+        row = {"epoch": epoch + 1, "step": gs, "epoch_end": False, **metrics,
+               "train_examples": t.seen,
+               **{f"train_loss_{k}": (t.sums[k] / t.counts[k] if t.counts[k] else None) for k in TASK_ORDER},
+               "smart_term": t.smart_sum / t.smart_n if t.smart_n else None,
+               "eval_seconds": eval_seconds, "global_step": gs, "lr": self.applied_lr(), "smart": c.smart,
+               "synthetic_data": bool(self.tag), "best": is_best, **self.row_info}
+        self.record.rows.append(row)
+        self._track_evaluation(row)
+        if self.out_dir is None:
+            return
+        self._write_rows()
+        if is_best:
+            self._keep_best(True, self.save("last"), metrics, dev_preds)
         if distributed.is_main():
-            self._report_epoch(epoch, row, stats, metrics, is_best)
+            from ..report import format_metrics
+            print(f"step {gs} (epoch {self.epoch_label(epoch)}, {position}/{n_steps}){self.tag}: dev "
+                  f"{format_metrics(metrics)} (eval {eval_seconds:.1f}s){'  *best' if is_best else ''}", flush=True)
 
     def _report_epoch(self, epoch, row, stats, metrics, is_best) -> None:
         from ..report import format_metrics, plot_learning_curves
@@ -326,6 +430,9 @@ class Trainer:
               f"({stats['examples_per_second']:.1f} ex/s), loss {losses}{smart} | dev "
               f"{format_metrics(metrics)}{raw} (eval {row['eval_seconds']:.1f}s){'  *best' if is_best else ''}",
               flush=True)
+        if self.steps_done():
+            print(f"--max-steps {self.config.max_steps} reached (epoch {epoch + 1}, global step "
+                  f"{self.progress.global_step})", flush=True)
         if stats["budget_exhausted"]:
             print(f"time budget of {self.config.time_budget:g} min spent after {row['train_minutes_total']:.1f} "
                   f"min of training (epoch {epoch + 1}, global step {self.progress.global_step})", flush=True)
