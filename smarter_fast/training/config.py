@@ -26,10 +26,10 @@ BOOKKEEPING = ("precision_requested", "model_options_from_recipe")
 # Where a run is, not what it is: a config file may set them, a run's config.toml leaves them out.
 LOCATION = ("out", "resume")
 # The options that may change when a run is continued (--resume): how long it trains, how often it
-# saves, and how it runs on this machine, none of which changes what a step computes; and --ema,
-# whose average the engine starts afresh when a resumed run adds it. Every other option must equal
-# the run's OUT/config.toml (smarter_fast.training.config_files). Names that are not (yet) fields
-# are ignored: options added elsewhere under these names are changeable once they exist.
+# saves or evaluates, and how it runs on this machine (none changes what a training step computes);
+# and ema, whose average the engine starts afresh when a resumed run adds it. Every other explicit
+# option must equal the run's OUT/config.toml (smarter_fast.training.layers). Names that are not
+# (yet) fields are ignored: options added elsewhere under these names are changeable once they exist.
 CHANGEABLE_ON_RESUME = ("epochs", "time_budget", "save_every", "num_threads", "eval_batch_size",
                         "max_nonfinite", "backend", "ema",
                         "max_steps", "eval_every", "report_to", "device")
