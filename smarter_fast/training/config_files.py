@@ -174,7 +174,11 @@ def config_values(config: TrainConfig) -> dict:
 
 
 def config_text(config: TrainConfig, note: str = "") -> str:
-    import tomli_w
+    try:
+        import tomli_w
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"{e}: writing OUT/config.toml needs tomli-w, a dependency of smarter_fast "
+                                  f"(pip install tomli-w)") from None
     return HEADER + note + "\n" + tomli_w.dumps(config_values(config))
 
 

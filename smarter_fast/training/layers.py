@@ -130,5 +130,5 @@ def _text(value) -> str:
     return "-" if value is None else str(value)
 
 
-__all__ = ["ConfigFileError", "RESOLVED_BY_THE_RUN", "ResumeConflict", "changeable_on_resume", "explicit_options", "parse_layers",
-           "resume_help", "resumed_options", "run_config_to_resume"]
+__all__ = ["ConfigFileError", "RESOLVED_BY_THE_RUN", "ResumeConflict", "changeable_on_resume", "explicit_options",
+           "parse_layers", "resume_help", "resumed_options", "run_config_to_resume"]
