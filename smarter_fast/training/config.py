@@ -2,7 +2,8 @@
 
 The command line (`smarter_fast.train`) turns its flags into a TrainConfig; everything below it
 (the Trainer, its components, the loss) reads this object, never the argparse Namespace. A config
-is complete: defaults < recipe < flags have been applied before it is made.
+is complete: defaults < recipe < config file < flags have been applied before it is made
+(smarter_fast.training.config_files reads and writes config files).
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ BACKENDS = ("auto", "ref", "cpp", "triton")
 DEVICES = ("auto", "cpu", "cuda")
 REPORT_TO = ("none", "csv", "tensorboard")
 MODEL_OPTIONS = ("pooling", "pair_features", "pair_order")
+# Fields that record how options were resolved, not options: no config file reads or writes them.
+BOOKKEEPING = ("precision_requested", "model_options_from_recipe")
+# Where a run is, not what it is: a config file may set them, a run's config.toml leaves them out.
+LOCATION = ("out", "resume")
+# The options that may change when a run is continued (--resume): how long it trains, how often it
+# saves or evaluates, and how it runs on this machine (none changes what a training step computes);
+# and ema, whose average the engine starts afresh when a resumed run adds it. Every other explicit
+# option must equal the run's OUT/config.toml (smarter_fast.training.layers). Names that are not
+# (yet) fields are ignored: options added elsewhere under these names are changeable once they exist.
+CHANGEABLE_ON_RESUME = ("epochs", "time_budget", "save_every", "num_threads", "eval_batch_size",
+                        "max_nonfinite", "backend", "ema",
+                        "max_steps", "eval_every", "report_to", "device")
 
 
 class ConfigError(ValueError):
@@ -171,4 +184,5 @@ class TrainConfig:
         return out
 
 
-__all__ = ["BACKENDS", "DEVICES", "REPORT_TO", "ConfigError", "DEFAULT_EPOCHS", "MODEL_OPTIONS", "TrainConfig"]
+__all__ = ["BACKENDS", "BOOKKEEPING", "CHANGEABLE_ON_RESUME", "ConfigError", "DEFAULT_EPOCHS", "DEVICES",
+           "LOCATION", "MODEL_OPTIONS", "REPORT_TO", "TrainConfig"]

@@ -4,7 +4,9 @@ over `run` and `run_ensemble`.
 
 Writes into config.out (default runs/<date-time>/):
   metrics.jsonl            one JSON object per epoch (dev metrics, training loss per task, speed)
-  args.json                the resolved configuration
+  args.json                the resolved configuration (JSON, with the data directory and world size)
+  config.toml              the resolved configuration as a config file: --config it to repeat the run
+                           (training.config_files); --resume continues with it (training.layers)
   checkpoints/last, best   the model (save_pretrained) + train_state.pt + trainer_state.json
   predictions/             leaderboard .csv files of the best checkpoint (dev and test-student)
   plots/                   training_loss.png, dev_metrics.png, sst_confusion.png
@@ -35,6 +37,7 @@ from .recipes import format_settings
 from ..tasks import METRIC_KEYS, QUORA, SST
 from .checkpoint import CheckpointError, check_format, clean_temporaries, find_last_checkpoint, find_older_checkpoint
 from .config import MODEL_OPTIONS, TrainConfig
+from .config_files import MEMBER_NOTE, write_config
 from .trainer import Trainer
 
 log = logging.getLogger("smarter_fast")
@@ -297,6 +300,8 @@ def run(config: TrainConfig) -> int:
         atomic_write_json(setup.out_dir / "args.json", {
             **config.to_dict(), "data_dir": str(setup.data_dir), "synthetic_data": setup.synthetic,
             "split_parts_resolved": schedule.parts, "world_size": distributed.world()})
+        member = config.ensemble > 1  # one member of run_ensemble: recorded as a run of its own
+        write_config(setup.out_dir, config.replace(ensemble=1) if member else config, MEMBER_NOTE if member else "")
     print(f"setup {time.perf_counter() - setup.t_setup:.1f}s; device {setup.device}, precision {config.precision}, "
           f"backend {config.backend}, lr {config.lr:g}, smart {config.smart}"
           + (f" (sigma {config.smart_sigma}, lambda {config.smart_lambda})" if config.smart == "simple" else "")
@@ -341,6 +346,7 @@ def run_ensemble(config: TrainConfig) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--ensemble trains its members one after another; run it without torchrun")
     k, out_dir, members = config.ensemble, run_dir(config), []
+    write_config(out_dir, config)  # what --resume continues; rewritten resolved after the members
     for i in range(k):
         member = config.replace(seed=config.seed + i, out=str(out_dir / f"member{i + 1}"),
                                 time_budget=None if config.time_budget is None else config.time_budget / k)
@@ -351,6 +357,7 @@ def run_ensemble(config: TrainConfig) -> int:
             return rc
         members.append(Path(member.out))
         config.precision, config.precision_requested = member.precision, member.precision_requested
+    write_config(out_dir, config.replace(lr=member.lr, **{k: getattr(member, k) for k in MODEL_OPTIONS}))
     return evaluate_ensemble(config, out_dir, members)
 
 

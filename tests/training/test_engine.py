@@ -264,5 +264,8 @@ def test_resume_with_an_added_option_starts_its_state_afresh_and_other_surgery_i
     assert main(argv(tiny, out, "--grad-surgery", "pcgrad", "--ema", "0.9", "--epochs", "2", "--resume")) == 0
     assert "holds no ema state (the option is new to this run): it starts afresh" in capsys.readouterr().out
     assert main(argv(tiny, out, "--grad-surgery", "gradvac", "--epochs", "3", "--resume")) == 2
+    assert "it was trained with --grad-surgery pcgrad" in capsys.readouterr().err  # by its config.toml
+    (out / "config.toml").unlink()  # as a run made before config.toml: the component state refuses it
+    assert main(argv(tiny, out, "--grad-surgery", "gradvac", "--epochs", "3", "--resume")) == 2
     err = capsys.readouterr().err
     assert "cannot resume from" in err and "surgery state" in err and "'pcgrad'" in err
