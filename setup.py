@@ -111,6 +111,10 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "sentence-transformers"],
     },
+    entry_points={
+        # `smarter-fast COMMAND ...`, the same code as `python -m smarter_fast.COMMAND ...`
+        "console_scripts": ["smarter-fast = smarter_fast.cli:main"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
