@@ -115,6 +115,10 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers", "sentence-transformers", "tensorboard"],
         "tensorboard": ["tensorboard"],
     },
+    entry_points={
+        # `smarter-fast COMMAND ...`, the same code as `python -m smarter_fast.COMMAND ...`
+        "console_scripts": ["smarter-fast = smarter_fast.cli:main"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -8,7 +8,8 @@ smart_mse, dropout_add_layer_norm), smarter_fast.optim (AdamW, learning-rate sch
 smarter_fast.regularizers (SMART, EMA, gradient surgery), smarter_fast.data (load_tokenizer, CS224N
 readers, batching, schedules), smarter_fast.tasks (the task registry and losses),
 smarter_fast.evaluation. The training application: smarter_fast.training. The commands:
-`python -m smarter_fast.train | evaluate | predict | export | ablate | info | build | selfcheck`.
+`python -m smarter_fast.train | evaluate | predict | export | ablate | info | build | selfcheck`,
+also `smarter-fast <command>` and `python -m smarter_fast <command>` (smarter_fast/cli.py).
 The layers: docs/design.md.
 """
 

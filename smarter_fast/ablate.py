@@ -8,8 +8,12 @@ one command, with a markdown report.
 Every configuration trains with `python -m smarter_fast.train` (in this process by default, or
 one subprocess each with --subprocess) into --out/<config>/ and is marked done there
 (ablate_done.json); started again, finished configurations are skipped (same arguments) and an
-unfinished one resumes from its last checkpoint. Then --out/report.md gets:
-- a table of the dev metrics of each configuration's best epoch and its training time per epoch;
+unfinished one resumes from its last checkpoint. With --seeds N every configuration trains N times,
+with seeds SEED, SEED+1, ... (SEED: --seed, else train's default), into --out/<config>/seed-<seed>/,
+each run skipped or resumed on its own. Then --out/report.md gets:
+- a table of the dev metrics of each configuration's best epoch and its training time per epoch
+  (with --seeds N: the mean ± sample standard deviation over the seeds; the per-seed rows are in
+  --out/runs.csv and --out/report.json, which every ablation writes);
 - plots (--out/plots/): dev learning curves with and without SMART, the training loss per
   schedule, the SST dev confusion matrix of the best configuration;
 - an SST error analysis of the best configuration: the largest confusion cells with a few
@@ -30,7 +34,14 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .training.ablation import (CONFIGS, DEFAULT_NAMES, GROUPS, NAMES,  # noqa: E402 (after the OpenMP setting)
-                                limited_data, write_report)
+                                limited_data, seed_dir, write_report)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m smarter_fast.ablate", description=__doc__.split("\n\n")[0],
@@ -53,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--num-threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of every run (default: train's); with --seeds N the first of N")
+    p.add_argument("--seeds", type=_positive_int, default=1, metavar="N",
+                   help="train every configuration with N seeds (SEED, SEED+1, ...) in "
+                        "--out/<config>/seed-<seed>/ and report each metric as mean ± sample "
+                        "standard deviation over them; 1: one run in --out/<config>/")
     p.add_argument("--train-args", default="", help="more arguments for every training run (one string)")
     p.add_argument("--subprocess", action="store_true", help="one subprocess per configuration")
     p.add_argument("--dev-limit", type=int, default=None,
@@ -63,12 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def train_argv(args, extra: list[str], out: Path) -> list[str]:
+def train_argv(args, extra: list[str], out: Path, seed: int | None = None) -> list[str]:
+    """The train arguments of one run; `seed` (None: --seed, if given) is its --seed."""
     argv = ["--data-dir", str(args.data_dir), "--out", str(out)]
     for flag, value in (("--epochs", args.epochs), ("--time-budget", args.time_budget), ("--limit", args.limit), ("--pretrained", args.pretrained),
                         ("--batch-size", args.batch_size), ("--lr", args.lr),
                         ("--max-length", args.max_length), ("--num-threads", args.num_threads),
-                        ("--seed", args.seed)):
+                        ("--seed", args.seed if seed is None else seed)):
         if value is not None:
             argv += [flag, str(value)]
     return argv + args.train_args.split() + extra
@@ -127,6 +144,28 @@ def run_config(name: str, argv: list[str], out: Path, use_subprocess: bool,
     return rec
 
 
+def default_seed() -> int:
+    """The seed `python -m smarter_fast.train` uses without --seed."""
+    from .train import build_parser as train_parser
+    return train_parser().get_default("seed")
+
+
+def plan_runs(args, names, out: Path) -> list[dict]:
+    """One run per configuration and seed: name, seed, dir, argv and label (the console's). With
+    one seed the run is the configuration's, in OUT/<config>/, and its argv has --seed only where
+    ablate was given one (as before --seeds)."""
+    extra = {n: a for n, _, a in CONFIGS}
+    base = args.seed if args.seed is not None else default_seed()
+    runs = []
+    for name in names:
+        for seed in range(base, base + args.seeds):
+            d = seed_dir(out, name, seed, args.seeds)
+            runs.append({"name": name, "seed": seed, "dir": d,
+                         "argv": train_argv(args, extra[name], d, seed if args.seeds > 1 else None),
+                         "label": name if args.seeds == 1 else f"{name} seed {seed}"})
+    return runs
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.epochs is None and args.time_budget is None:
@@ -138,6 +177,9 @@ def main(argv=None) -> int:
         print(f"error: unknown configuration(s) {', '.join(unknown)}; expected some of {', '.join(NAMES)}",
               file=sys.stderr)
         return 2
+    if args.seeds > 1 and "--seed" in args.train_args.split():
+        print("error: with --seeds give the first seed with --seed, not in --train-args", file=sys.stderr)
+        return 2
     if not Path(args.data_dir).is_dir():
         print(f"error: --data-dir {args.data_dir} not found", file=sys.stderr)
         return 2
@@ -147,25 +189,23 @@ def main(argv=None) -> int:
     if args.dev_limit is not None:
         args.data_dir = str(limited_data(Path(args.data_dir), out / "_data", args.limit, args.dev_limit))
         print(f"data: first {args.dev_limit} dev rows per task (copy in {args.data_dir})", flush=True)
-    extra = {n: a for n, _, a in CONFIGS}
-    records = {}
-    if args.jobs > 1:  # one subprocess per configuration, --jobs at a time
+    runs = plan_runs(args, names, out)
+    if args.jobs > 1:  # one subprocess per run, --jobs at a time
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {n: pool.submit(run_config, n, train_argv(args, extra[n], out / n), out / n, True,
-                                      data) for n in names}
-            records = {n: f.result() for n, f in futures.items()}
+            futures = [pool.submit(run_config, r["label"], r["argv"], r["dir"], True, data) for r in runs]
+            for r, f in zip(runs, futures):
+                r["rc"] = f.result()["rc"]
     else:
-        for name in names:
-            records[name] = run_config(name, train_argv(args, extra[name], out / name), out / name,
-                                       args.subprocess, data)
-            if records[name]["rc"] >= 128:  # the trainer was stopped by a signal (it saved): stop too
-                print(f"stopped during {name}; run again to resume", file=sys.stderr)
-                return records[name]["rc"]
-    report = write_report(args, out, names, records)
+        for r in runs:
+            r["rc"] = run_config(r["label"], r["argv"], r["dir"], args.subprocess, data)["rc"]
+            if r["rc"] >= 128:  # the trainer was stopped by a signal (it saved): stop too
+                print(f"stopped during {r['label']}; run again to resume", file=sys.stderr)
+                return r["rc"]
+    report = write_report(args, out, names, runs)
     print(f"report: {report}", flush=True)
     print(report.read_text().split("\n## ")[0], flush=True)
-    return 0 if all(r.get("rc") == 0 for r in records.values()) else 1
+    return 0 if all(r["rc"] == 0 for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -121,3 +121,125 @@ def test_dev_limit_copies_rows_as_bytes(tmp_path):
     assert (dst / "ids-sst-dev.csv").read_bytes() == (src / "ids-sst-dev.csv").read_bytes().splitlines(True)[0] \
         + b"".join((src / "ids-sst-dev.csv").read_bytes().splitlines(True)[1:3])
     assert (dst / "quora-train.csv").read_bytes() == (src / "quora-train.csv").read_bytes()
+
+
+# ---- --seeds: every configuration trained with several seeds, the report's mean ± sd -------------------
+def test_mean_sd_is_the_sample_standard_deviation_and_one_value_has_none():
+    from smarter_fast.training.ablation import format_mean_sd, mean_sd
+    s = mean_sd([0.5, 0.6, 0.7, 0.9])
+    assert s["n"] == 4 and s["mean"] == pytest.approx(0.675)
+    # n - 1 in the denominator: sqrt(0.0875 / 3), not the population sqrt(0.0875 / 4)
+    assert s["sd"] == pytest.approx((0.0875 / 3) ** 0.5)
+    assert format_mean_sd(s) == "0.675 ± 0.171"
+    assert mean_sd([0.8, 0.6])["sd"] == pytest.approx(0.1414213562)
+    one = mean_sd([0.42])
+    assert one == {"mean": 0.42, "sd": None, "n": 1} and format_mean_sd(one) == "0.420 ± -"
+    assert mean_sd([]) == {"mean": None, "sd": None, "n": 0} and format_mean_sd(mean_sd([])) == ""
+
+
+def _fake_run(d, scores):
+    """A run directory whose metrics.jsonl has one row per epoch with these dev mean scores (the
+    task metrics derived from them)."""
+    import json
+    d.mkdir(parents=True)
+    rows = [{"epoch": e + 1, "mean_score": m, "sst_acc": m - 0.1, "quora_acc": m + 0.1, "sts_pearson": m,
+             "cs224n_score": m + 0.05, "train_seconds": 10.0 * (e + 1), "train_examples": 100,
+             "train_loss_sst": 1.0, "train_loss_quora": 0.5, "train_loss_sts": 0.25}
+            for e, m in enumerate(scores)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_seeds_aggregate_per_configuration_in_table_json_and_csv(tmp_path):
+    import csv
+    import json
+
+    from smarter_fast.training.ablation import _table_seeds, seed_dir, summarise, write_results
+    out = tmp_path
+    runs = []
+    for name, seeds in (("baseline", {1: [0.50, 0.60], 2: [0.70, 0.65], 3: [0.9]}),
+                        ("split1", {1: [0.40], 2: [0.55], 3: [0.3]})):
+        for seed, scores in seeds.items():
+            _fake_run(seed_dir(out, name, seed, 3), scores)
+            failed = name == "split1" and seed == 3
+            runs.append({"name": name, "seed": seed, "dir": seed_dir(out, name, seed, 3), "rc": 2 if failed else 0})
+    table = summarise(runs, ["baseline", "split1"])
+    base, split = table
+    # baseline: best epochs 0.60, 0.70, 0.90 -> mean 0.7333, sample sd 0.1528
+    assert base["n"] == 3 and [r["best_epoch"] for r in base["runs"]] == [2, 1, 1]
+    assert base["stats"]["mean_score"]["mean"] == pytest.approx(0.7333333)
+    assert base["stats"]["mean_score"]["sd"] == pytest.approx(0.1527525)
+    assert base["stats"]["sst_acc"]["mean"] == pytest.approx(0.6333333)
+    # seconds per epoch: (10 + 20) / 2 for the two-epoch runs, 10 for the one-epoch run
+    assert base["stats"]["seconds_per_epoch"]["mean"] == pytest.approx((15 + 15 + 10) / 3)
+    # split1's third seed failed in this session: left out (n = 2), whatever it left on disk
+    assert split["n"] == 2 and split["runs"][2]["missing"] and split["runs"][2]["rc"] == 2
+    assert split["stats"]["mean_score"]["mean"] == pytest.approx(0.475)
+    assert split["stats"]["mean_score"]["sd"] == pytest.approx(0.1060660)
+    lines = "\n".join(_table_seeds(table, {"baseline": ["--schedule", "baseline"]}, out))
+    assert "| baseline | `--schedule baseline` | 3 | 2,1,1/1,2 | 0.633 ± 0.153 | 0.833 ± 0.153 |" in lines
+    assert "| 0.733 ± 0.153 | 0.783 ± 0.153 | 13.3 ± 2.9 |" in lines
+    assert "| split1 | `` | 2 of 3 | 1,1/1 |" in lines and "| 0.475 ± 0.106 |" in lines
+    assert "- `split1` seed 3: rc 2; see `split1/seed-3/train.log`" in lines
+    write_results(out, table, [1, 2, 3])
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["seeds"] == [1, 2, 3] and [c["n"] for c in doc["configs"]] == [3, 2]
+    assert doc["configs"][0]["stats"]["mean_score"]["sd"] == pytest.approx(0.1527525)
+    assert doc["configs"][0]["runs"][0]["dir"] == "baseline/seed-1" and "rows" not in doc["configs"][0]["runs"][0]
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(r["config"], r["seed"], r["rc"]) for r in rows] == [
+        ("baseline", "1", "0"), ("baseline", "2", "0"), ("baseline", "3", "0"),
+        ("split1", "1", "0"), ("split1", "2", "0"), ("split1", "3", "2")]
+    assert float(rows[0]["mean_score"]) == pytest.approx(0.6) and rows[5]["mean_score"] == ""
+
+
+def test_one_seed_keeps_the_run_directories_and_train_arguments(tmp_path):
+    from smarter_fast.ablate import build_parser, plan_runs
+    base = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    one = plan_runs(build_parser().parse_args(base), ["baseline"], tmp_path / "o")
+    assert [(r["dir"], r["seed"]) for r in one] == [(tmp_path / "o" / "baseline", 11711)]
+    assert "--seed" not in one[0]["argv"]  # as before --seeds: an earlier run is still skipped
+    three = plan_runs(build_parser().parse_args(base + ["--seeds", "3"]), ["baseline"], tmp_path / "o")
+    assert [r["dir"].name for r in three] == ["seed-11711", "seed-11712", "seed-11713"]
+    assert [r["argv"][r["argv"].index("--seed") + 1] for r in three] == ["11711", "11712", "11713"]
+    given = plan_runs(build_parser().parse_args(base + ["--seeds", "2", "--seed", "5"]), ["baseline"], tmp_path / "o")
+    assert [r["seed"] for r in given] == [5, 6]
+
+
+def test_seeds_rejects_a_seed_in_train_args_and_a_zero_count(tmp_path, capsys):
+    argv = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o"), "--only", "baseline"]
+    assert main(argv + ["--seeds", "2", "--train-args", "--seed 3"]) == 2
+    assert "--seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv + ["--seeds", "0"])
+
+
+def test_ablate_two_seeds_end_to_end_with_per_seed_restart(tiny, tmp_path, capsys):
+    import csv
+    import json
+    import statistics
+    out = tmp_path / "abl"
+    argv = _argv(tiny, out, "--dev-limit", "8", "--seeds", "2", "--seed", "7")
+    assert main(argv) == 0
+    for seed in (7, 8):
+        run = out / "baseline" / f"seed-{seed}"
+        done = json.loads((run / "ablate_done.json").read_text())
+        assert done["argv"][done["argv"].index("--seed") + 1] == str(seed)
+        assert (run / "metrics.jsonl").is_file() and (run / "predictions" / "sst-dev-output.csv").is_file()
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(r["config"], r["seed"], r["rc"]) for r in rows] == [("baseline", "7", "0"), ("baseline", "8", "0")]
+    report = (out / "report.md").read_text()
+    assert "trained with 2 seeds (7, 8" in report
+    row = next(line for line in report.splitlines() if line.startswith("| baseline |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2] == "2"  # n
+    mean = statistics.fmean(float(r["mean_score"]) for r in rows)
+    sd = statistics.stdev(float(r["mean_score"]) for r in rows)
+    assert cells[7] == f"{mean:.3f} ± {sd:.3f}", cells  # the mean column: both seeds, sample sd
+    assert "## SST error analysis (best configuration: baseline" in report
+    capsys.readouterr()
+    # started again: each seed is skipped on its own; an unfinished one is trained again
+    (out / "baseline" / "seed-8" / "ablate_done.json").unlink()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    assert "[baseline seed 7] done already, skipped" in said and said.count("done already") == 1
+    assert (out / "baseline" / "seed-8" / "ablate_done.json").is_file()
