@@ -196,7 +196,7 @@ def ours_epoch_rows(run_dir: Path) -> list[dict]:
 
 def run_ours(args, seed: int, run_dir: Path, settings: dict) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / "attempts.json"  # wall time of earlier, unfinished attempts
+    partial = run_dir / "attempts.json"  # wall time of every attempt (a resumed run sums them)
     attempts = json.loads(partial.read_text()) if partial.is_file() else []
     resume = (run_dir / "checkpoints" / "last").is_dir()
     cmd = ours_command(args, seed, run_dir, resume)
@@ -225,11 +225,11 @@ def run_ours(args, seed: int, run_dir: Path, settings: dict) -> dict:
         log.close()
     wall = time.perf_counter() - t0
     attempts.append({"wall_seconds": wall, "rc": rc, "resumed": resume})
+    partial.write_text(json.dumps(attempts))
     rows = ours_epoch_rows(run_dir)
     if rc != 0 or len(rows) < args.epochs:
-        partial.write_text(json.dumps(attempts))
         raise RuntimeError(f"ours seed {seed}: exit code {rc}, {len(rows)} of {args.epochs} epochs in "
-                           f"{run_dir / 'metrics.jsonl'}; log: {run_dir / 'train.log'}")
+                           f"{run_dir / 'metrics.jsonl'}; log: {run_dir / 'train.log'}, ending:\n    " + "\n    ".join(tail[-5:]))
     return {"settings": settings, "command": cmd, "epochs": rows[:args.epochs],
             "wall_seconds": sum(a["wall_seconds"] for a in attempts), "attempts": attempts}
 

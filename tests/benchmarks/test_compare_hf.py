@@ -88,6 +88,16 @@ def test_compare_both_systems_reuse_and_refuse(compare, tiny, tmp_path, capsys):
     assert compare.main(argv(tiny, out, "--hf-eps", "1e-8", "--only", "hf")) == 2
     assert "other settings" in capsys.readouterr().err
 
+    # an unfinished run of ours (no result.json, a checkpoint in its directory) continues with --resume
+    first_result = json.loads((out / "ours" / "seed1" / "result.json").read_text())
+    (out / "ours" / "seed1" / "result.json").unlink()
+    assert compare.main(argv(tiny, out, "--only", "ours")) == 0
+    third = capsys.readouterr().out
+    assert "--seed 1" in third and "--resume" in third and "reused finished runs: ours seed 0" in third
+    resumed = json.loads((out / "ours" / "seed1" / "result.json").read_text())
+    assert resumed["epochs"] == first_result["epochs"]
+    assert len(resumed["attempts"]) == 2 and resumed["attempts"][1]["resumed"]
+
 
 def test_hf_pipeline_is_deterministic_per_seed(compare, tiny, tmp_path):
     runs = []
