@@ -31,7 +31,9 @@ and written to OUT/summary.json and OUT/summary.md (with the CPU model, torch an
 versions). Each run's results go to OUT/<system>/seed<S>/result.json; a rerun with the same
 --out reuses every finished run whose settings match (so a long comparison can be stopped and
 continued; an unfinished run of ours continues from its last checkpoint with --resume, one of hf
-starts over) and refuses results made with other settings unless --force.
+starts over) and refuses results made with other settings unless --force. Run
+`python -m smarter_fast.build` first: a run of ours that compiles the C++ kernels (cold build
+cache) is flagged, its wall time includes the build.
 
 One change at a time: --ours-args passes flags to our trainer (e.g. "--weight-decay 0.01"); the
 hf pipeline's --hf-weight-decay, --hf-eps, --hf-batching random|length (length: length-bucketed
@@ -207,10 +209,12 @@ def run_ours(args, seed: int, run_dir: Path, settings: dict) -> dict:
     log = open(run_dir / "train.log", "ab")
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail: list[str] = []
+    built = False
     try:
         for raw in proc.stdout:
             log.write(raw)
             text = raw.decode("utf-8", "replace").rstrip("\n").split("\r")[-1].strip()
+            built = built or "compiling the C++ kernels" in text
             if text and not _BAR.search(text):
                 print(f"  [ours seed {seed}] {text}", flush=True)
                 tail = (tail + [text])[-20:]
@@ -224,14 +228,15 @@ def run_ours(args, seed: int, run_dir: Path, settings: dict) -> dict:
     finally:
         log.close()
     wall = time.perf_counter() - t0
-    attempts.append({"wall_seconds": wall, "rc": rc, "resumed": resume})
+    attempts.append({"wall_seconds": wall, "rc": rc, "resumed": resume, "extension_build": built})
     partial.write_text(json.dumps(attempts))
     rows = ours_epoch_rows(run_dir)
     if rc != 0 or len(rows) < args.epochs:
         raise RuntimeError(f"ours seed {seed}: exit code {rc}, {len(rows)} of {args.epochs} epochs in "
                            f"{run_dir / 'metrics.jsonl'}; log: {run_dir / 'train.log'}, ending:\n    " + "\n    ".join(tail[-5:]))
     return {"settings": settings, "command": cmd, "epochs": rows[:args.epochs],
-            "wall_seconds": sum(a["wall_seconds"] for a in attempts), "attempts": attempts}
+            "wall_seconds": sum(a["wall_seconds"] for a in attempts), "attempts": attempts,
+            "extension_build": any(a.get("extension_build") for a in attempts)}
 
 
 # ---- hf: the plain transformers pipeline ------------------------------------------------------------
@@ -514,7 +519,8 @@ def summarize(results: dict, epochs: int) -> dict:
             "runs": len(runs), "wall_seconds": mean_sd([r["wall_seconds"] for r in runs]),
             "train_seconds_per_epoch": mean_sd([x["train_seconds"] for r in runs for x in r["epochs"]]),
             "eval_seconds_per_epoch": mean_sd([x["eval_seconds"] for r in runs for x in r["epochs"]]),
-            "per_run": {str(r["seed"]): r["wall_seconds"] for r in runs}}
+            "per_run": {str(r["seed"]): r["wall_seconds"] for r in runs},
+            "with_extension_build": sorted(r["seed"] for r in runs if r.get("extension_build"))}
     return {"epochs": table, "timing": timing}
 
 
@@ -537,6 +543,10 @@ def markdown(summary: dict, machine: dict, settings: dict, args) -> str:
         t = summary["timing"][s]
         lines.append(f"| {s} | {t['runs']} | {fmt(t['wall_seconds'], 1)} | {fmt(t['train_seconds_per_epoch'], 1)} | "
                      f"{fmt(t['eval_seconds_per_epoch'], 1)} |")
+    built = summary["timing"]["ours"]["with_extension_build"]
+    if built:
+        lines += ["", f"Note: the wall time of ours for seed(s) {', '.join(map(str, built))} includes compiling "
+                      f"the C++ kernels (a cold build cache; `python -m smarter_fast.build` beforehand avoids it)."]
     lines += ["", "Wall time of ours is the whole command (python and torch start-up, setup, checkpoints, the "
                   "final predictions on dev and test included); of hf, loading the model, tokenizing, training "
                   "and the dev evaluations (transformers imported beforehand)."]

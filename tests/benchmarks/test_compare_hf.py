@@ -71,6 +71,7 @@ def test_compare_both_systems_reuse_and_refuse(compare, tiny, tmp_path, capsys):
     epoch_row = next(line for line in md.splitlines() if line.startswith("| 1 |"))
     assert epoch_row.count("±") == 8 and "n/a" not in epoch_row
     assert "| ours | 2 |" in md and "| hf | 2 |" in md
+    assert doc["summary"]["timing"]["ours"]["with_extension_build"] == []  # --backend ref builds nothing
 
     # a second invocation reuses every finished run (nothing trains again)
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/result.json")}
