@@ -72,9 +72,17 @@ if str(REPO) not in sys.path:  # smarter_fast from this checkout (data parsing, 
     sys.path.insert(0, str(REPO))
 
 SYSTEMS = ("ours", "hf")
-METRICS = ("sst_acc", "quora_acc", "sts_pearson", "mean_score")
-SHORT = {"sst_acc": "sst", "quora_acc": "quora", "sts_pearson": "sts", "mean_score": "mean"}
-TASKS = ("sst", "quora", "sts")
+
+from smarter_fast import tasks as registry  # noqa: E402  (names, file columns and metric keys only)
+
+# The registry's names and keys (tests/test_tasks.py: no second spelling of a task string): SST,
+# Quora, STS in its order; each task's kind (classification / binary / regression) picks the
+# plain pipeline's loss and metric below.
+TASKS = registry.TASK_NAMES
+SPEC = {t.name: t for t in registry.TASKS}
+QUORA = registry.QUORA.name
+METRICS = (*registry.METRIC_KEYS, "mean_score")
+SHORT = {**{t.metric_key: t.name for t in registry.TASKS}, "mean_score": "mean"}
 RESULT = "result.json"
 
 
@@ -268,7 +276,7 @@ class HFPipeline:
         H = self.bert.config.hidden_size
         seed_all(seed)  # the heads' init and the dropout masks: whatever loading drew
         self.drop = nn.Dropout(dropout_on_heads)
-        self.heads = nn.ModuleDict({"sst": nn.Linear(H, 5), "quora": nn.Linear(H, 1), "sts": nn.Linear(H, 1)})
+        self.heads = nn.ModuleDict({t: nn.Linear(H, SPEC[t].num_outputs) for t in TASKS})  # 5, 1, 1
         params = list(self.bert.parameters()) + list(self.heads.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay)
         self.data_rng = np.random.default_rng([seed, 0xDA7A])
@@ -279,12 +287,13 @@ class HFPipeline:
         out = {}
         for task in TASKS:
             examples = getattr(split, task)
-            if task == "sst":
+            if not SPEC[task].is_pair:
                 enc = self.tokenizer([e.sentence for e in examples], truncation=True, max_length=self.max_length)
             else:
                 enc = self.tokenizer([e.sentence1 for e in examples], [e.sentence2 for e in examples],
                                      truncation=True, max_length=self.max_length)
-            labels = np.asarray([e.label for e in examples], dtype=np.int64 if task == "sst" else np.float32)
+            kind = SPEC[task].kind
+            labels = np.asarray([e.label for e in examples], dtype=np.int64 if kind == "classification" else np.float32)
             out[task] = (enc["input_ids"], enc["token_type_ids"], labels)
         return out
 
@@ -316,15 +325,16 @@ class HFPipeline:
     def forward(self, task: str, batch: dict) -> torch.Tensor:
         pooled = self.bert(**batch).pooler_output
         out = self.heads[task](self.drop(pooled))
-        return out if task == "sst" else out.squeeze(-1)
+        return out if SPEC[task].num_outputs > 1 else out.squeeze(-1)
 
     @staticmethod
     def loss(task: str, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if task == "sst":
+        kind = SPEC[task].kind
+        if kind == "classification":  # SST
             return F.cross_entropy(out, labels)
-        if task == "quora":
+        if kind == "binary":  # Quora
             return F.binary_cross_entropy_with_logits(out, labels)
-        return F.mse_loss(out, labels)
+        return F.mse_loss(out, labels)  # STS
 
     def train_epoch(self, train: dict, quora_parts: list, epoch: int) -> dict:
         self.bert.train()
@@ -335,7 +345,7 @@ class HFPipeline:
         for task in TASKS:
             ids, type_ids, labels = train[task]
             lengths = np.asarray([len(x) for x in ids])
-            indices = quora_parts[epoch % len(quora_parts)] if task == "quora" else np.arange(len(ids))
+            indices = quora_parts[epoch % len(quora_parts)] if task == QUORA else np.arange(len(ids))
             total, n = 0.0, 0
             for idx in self.batches(indices, lengths):
                 batch = self.pad(ids, type_ids, idx)
@@ -363,19 +373,21 @@ class HFPipeline:
         for task in TASKS:
             ids, type_ids, labels = dev[task]
             order = np.argsort([len(x) for x in ids], kind="stable")  # little padding, same outputs
-            outs = np.zeros((len(ids), 5) if task == "sst" else (len(ids),), dtype=np.float64)
+            k = SPEC[task].num_outputs
+            outs = np.zeros((len(ids), k) if k > 1 else (len(ids),), dtype=np.float64)
             for start in range(0, len(order), self.eval_batch_size):
                 idx = order[start:start + self.eval_batch_size]
                 outs[idx] = self.forward(task, self.pad(ids, type_ids, idx)).double().numpy()
-            if task == "sst":
-                scores["sst_acc"] = float((outs.argmax(-1) == labels).mean())
-            elif task == "quora":
-                scores["quora_acc"] = float(((1 / (1 + np.exp(-outs)) > 0.5) == (labels > 0.5)).mean())
-            else:
+            kind, key = SPEC[task].kind, SPEC[task].metric_key
+            if kind == "classification":  # SST accuracy
+                scores[key] = float((outs.argmax(-1) == labels).mean())
+            elif kind == "binary":  # Quora accuracy, sigmoid > 0.5
+                scores[key] = float(((1 / (1 + np.exp(-outs)) > 0.5) == (labels > 0.5)).mean())
+            else:  # STS Pearson r
                 x, y = outs - outs.mean(), labels.astype(np.float64) - labels.mean()
                 den = math.sqrt(float((x * x).sum() * (y * y).sum()))
-                scores["sts_pearson"] = float((x * y).sum() / den) if den > 0 else 0.0
-        scores["mean_score"] = (scores["sst_acc"] + scores["quora_acc"] + scores["sts_pearson"]) / 3
+                scores[key] = float((x * y).sum() / den) if den > 0 else 0.0
+        scores["mean_score"] = sum(scores[t.metric_key] for t in registry.TASKS) / len(registry.TASKS)
         return scores
 
 
@@ -389,7 +401,7 @@ def same_tokens_as_package(ckpt: Path, max_length: int, splits: dict) -> dict:
     for name, (split, encoded) in splits.items():
         for task in TASKS:
             examples = getattr(split, task)
-            if task == "sst":
+            if not SPEC[task].is_pair:
                 ids, types = encode_sentences(tok, [e.sentence for e in examples])
             else:
                 ids, types = encode_pairs(tok, [e.sentence1 for e in examples], [e.sentence2 for e in examples])
@@ -413,7 +425,7 @@ def run_hf(args, seed: int, run_dir: Path, settings: dict) -> dict:
     train, dev = pipe.encode(train_split), pipe.encode(dev_split)
     token_check = same_tokens_as_package(checkpoint_dir(args.pretrained), args.max_length,
                                          {"train": (train_split, train), "dev": (dev_split, dev)})
-    n_quora = len(train["quora"][0])
+    n_quora = len(train[QUORA][0])
     perm = np.random.default_rng([seed, 0x5917]).permutation(n_quora)
     quora_parts = np.array_split(perm, args.split_parts)
     print(f"[hf seed {seed}] train: " + ", ".join(f"{t} {len(train[t][0])}" for t in TASKS)
@@ -429,7 +441,7 @@ def run_hf(args, seed: int, run_dir: Path, settings: dict) -> dict:
         rows.append(row)
         print(f"  [hf seed {seed}] epoch {epoch + 1}/{args.epochs}: "
               + " ".join(f"{SHORT[k]} {row[k]:.4f}" for k in METRICS)
-              + f" | loss " + " ".join(f"{t} {row[f'train_loss_{t}']:.3f}" for t in TASKS)
+              + " | loss " + " ".join(f"{t} {row[f'train_loss_{t}']:.3f}" for t in TASKS)
               + f" | train {row['train_seconds']:.1f}s, eval {row['eval_seconds']:.1f}s, "
                 f"padding {row['padding_fraction']:.0%}", flush=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -525,7 +537,7 @@ def summarize(results: dict, epochs: int) -> dict:
 
 
 def markdown(summary: dict, machine: dict, settings: dict, args) -> str:
-    lines = [f"# Dev metrics per epoch: ours vs a plain Hugging Face pipeline", "",
+    lines = ["# Dev metrics per epoch: ours vs a plain Hugging Face pipeline", "",
              f"Machine: {machine['cpu_model']} ({machine['cpu_count']} CPUs), torch {machine['torch']}, "
              f"transformers {machine['transformers']}, {machine['num_threads']} threads, commit {machine['commit']}.",
              f"Settings: {json.dumps(settings)}; ours-args {args.ours_args!r}; hf: weight decay "
@@ -568,7 +580,7 @@ def main(argv=None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     systems = [args.only] if args.only else list(SYSTEMS)
     if "hf" in systems:
-        import transformers  # noqa: F401  (imported once, outside the runs' wall time)
+        __import__("transformers")  # imported once, outside the runs' wall time
     results = {s: {} for s in SYSTEMS}
     failures, reused = [], []
     for seed in seeds:
