@@ -25,6 +25,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from ..tasks import QUORA, SST, STS
+
 REPOSITORY = "gpoesia/minbert-default-final-project"
 COMMIT = "7ac8260577fc12a86c7aaf38918056c30054ef39"
 DEFAULT_MIRROR = f"https://raw.githubusercontent.com/{REPOSITORY}/{COMMIT}/data/"
@@ -34,18 +36,19 @@ PARTIAL = ".partial"
 CHUNK = 1 << 16
 TIMEOUT = 30.0  # seconds without a byte before a connection counts as lost
 
-# Git blob SHA-1 of each file at COMMIT: the names smarter_fast.tasks gives the CS224N files.
-CHECKSUMS = {
-    "ids-sst-train.csv": "9cb7333cb1dae49c2bd2a4b56a24882a6e8704b5",
-    "ids-sst-dev.csv": "3171aa629a340809d2db4a50df8f6e5ec9420ab0",
-    "ids-sst-test-student.csv": "bbd2313758825f86e24416d6aad64cd93370cf7a",
-    "quora-train.csv": "a3b5546f6a0e65b60a328a5d294d1038f5bed1da",
-    "quora-dev.csv": "de7cfa32428fd470b93f778fccc45a619e01336f",
-    "quora-test-student.csv": "f257ef00558555afb50819578a58205732b16354",
-    "sts-train.csv": "12b17760e7795fee35aeeabc290d5651de02622a",
-    "sts-dev.csv": "9392860e584717976b8d817cc40c9e6ceeec27e0",
-    "sts-test-student.csv": "25f0cf8fafdd1f82b9e2bb460c708af34341ce60",
+# Git blob SHA-1 of each file at COMMIT, by (task, split); the names are the registry's.
+_BLOB_SHA1 = {
+    (SST, "train"): "9cb7333cb1dae49c2bd2a4b56a24882a6e8704b5",
+    (SST, "dev"): "3171aa629a340809d2db4a50df8f6e5ec9420ab0",
+    (SST, "test-student"): "bbd2313758825f86e24416d6aad64cd93370cf7a",
+    (QUORA, "train"): "a3b5546f6a0e65b60a328a5d294d1038f5bed1da",
+    (QUORA, "dev"): "de7cfa32428fd470b93f778fccc45a619e01336f",
+    (QUORA, "test-student"): "f257ef00558555afb50819578a58205732b16354",
+    (STS, "train"): "12b17760e7795fee35aeeabc290d5651de02622a",
+    (STS, "dev"): "9392860e584717976b8d817cc40c9e6ceeec27e0",
+    (STS, "test-student"): "25f0cf8fafdd1f82b9e2bb460c708af34341ce60",
 }
+CHECKSUMS = {task.file_name(split): sha for (task, split), sha in _BLOB_SHA1.items()}
 
 
 class Unreachable(Exception):
