@@ -95,6 +95,11 @@ class EpochTotals:
         self.smart_sum, self.smart_n, self.seen = sd["smart_sum"], sd["smart_n"], sd["seen"]
         self.seconds, self.cos_sum, self.cos_n = sd["seconds"], sd["cos_sum"], sd["cos_n"]
 
+    def mean_losses(self) -> dict:
+        """train_loss_<task> (None for a task not trained yet) and the mean SMART term."""
+        return {**{f"train_loss_{k}": (self.sums[k] / self.counts[k] if self.counts[k] else None) for k in self.tasks},
+                "smart_term": self.smart_sum / self.smart_n if self.smart_n else None}
+
     def reduced(self) -> "EpochTotals":
         """The totals over all ranks (identity in one process)."""
         t = self.tasks

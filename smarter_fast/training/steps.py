@@ -225,13 +225,11 @@ class TrainStep:
         much of this epoch (None without one), for the LR schedule."""
         result = self.shape.run(item, global_step)
         skip = self._check(result.checks, where, seconds() if seconds is not None else 0.0)
-        grads = None
-        if self.need_grad_norm:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self.grad_norm = self.guard.grad_norm if self.guard is not None else _global_norm(grads)
+        if self.need_grad_norm:  # the guard has already read it; else read the gradients once
+            self.grad_norm = self.guard.grad_norm if self.guard is not None else _global_norm(self._grads())
         if not skip:
             if self.max_grad_norm is not None:
-                clip_(grads, self.grad_norm, self.max_grad_norm)
+                clip_(self._grads(), self.grad_norm, self.max_grad_norm)
             if self.lr is not None:
                 self.lr.apply(global_step, progress_of(self.agreed_seconds) if progress_of else None)
             self.optimizer.step()
@@ -239,6 +237,9 @@ class TrainStep:
                 average.update(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         return skip, result
+
+    def _grads(self) -> list:
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     def _check(self, checks, where, seconds) -> bool:
         """True when the step must be skipped (non-finite on any rank); also agrees on a stop

@@ -15,6 +15,7 @@ not doubled. Only the main process writes.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 from pathlib import Path
 
@@ -26,12 +27,10 @@ STEP_FILE, EVAL_FILE, TENSORBOARD_DIR = "steps.csv", "evals.csv", "tensorboard"
 def require(targets) -> None:
     """Fails early, with what to install, when a target's package is missing."""
     if "tensorboard" in targets:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("tensorboard") is None:
             raise ModuleNotFoundError(
                 "--report-to tensorboard needs the tensorboard package: pip install tensorboard "
-                "(or pip install -e '.[tensorboard]')") from None
+                "(or pip install -e '.[tensorboard]')")
 
 
 def lr_group_names(optimizer) -> list[str]:

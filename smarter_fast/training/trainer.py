@@ -330,8 +330,7 @@ class Trainer:
         return {"train_seconds": seconds, "train_examples": t.seen,
                 "examples_per_second": t.seen / seconds if seconds > 0 else 0.0, "steps": n_steps,
                 **{f"train_examples_{k}": t.counts[k] for k in TASK_ORDER},
-                **{f"train_loss_{k}": (t.sums[k] / t.counts[k] if t.counts[k] else None) for k in TASK_ORDER},
-                "smart_term": t.smart_sum / t.smart_n if t.smart_n else None,
+                **t.mean_losses(),
                 "nonfinite_skipped": self.guard.total, **self.shape.extra_stats(t),
                 "budget_exhausted": exhausted}
 
@@ -403,8 +402,7 @@ class Trainer:
         t = self.totals.reduced()
         row = {"epoch": epoch + 1, "step": gs, "epoch_end": False, **metrics,
                "train_examples": t.seen,
-               **{f"train_loss_{k}": (t.sums[k] / t.counts[k] if t.counts[k] else None) for k in TASK_ORDER},
-               "smart_term": t.smart_sum / t.smart_n if t.smart_n else None,
+               **t.mean_losses(),
                "eval_seconds": eval_seconds, "global_step": gs, "lr": self.applied_lr(), "smart": c.smart,
                "synthetic_data": bool(self.tag), "best": is_best, **self.row_info}
         self.record.rows.append(row)
